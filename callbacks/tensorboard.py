@@ -1,0 +1,57 @@
+"""`TensorBoardLogger`: scalars and hyperparameters with tensorboardX, on process 0 only."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import TYPE_CHECKING
+
+from meshfit.callbacks.base import Callback
+
+if TYPE_CHECKING:
+    from meshfit.engine import Engine
+
+
+def next_version_dir(root: str) -> str:
+    """`root/version_N` with N one past the largest existing version."""
+    versions = [
+        int(m.group(1))
+        for name in (os.listdir(root) if os.path.isdir(root) else [])
+        if (m := re.fullmatch(r"version_(\d+)", name))
+    ]
+    return os.path.join(root, f"version_{max(versions, default=-1) + 1}")
+
+
+class TensorBoardLogger(Callback):
+    """Writes every logged metric at the log cadence (and after validation) as a scalar,
+    keyed by the optimizer step, plus the run's hyperparameters.
+
+    Logs go to `save_dir/version_N` (default `<default_root_dir>/tensorboard`); see them with
+    `tensorboard --logdir runs/tensorboard`.
+    """
+
+    def __init__(self, save_dir: str | None = None, flush_secs: int = 30):
+        self.save_dir, self.flush_secs = save_dir, flush_secs
+        self.log_dir: str | None = None
+        self.writer = None
+
+    def on_fit_start(self, engine: Engine) -> None:
+        if not engine.is_global_zero or self.writer is not None:
+            return
+        from tensorboardX import SummaryWriter
+
+        root = self.save_dir or os.path.join(engine.default_root_dir, "tensorboard")
+        self.log_dir = next_version_dir(root)
+        self.writer = SummaryWriter(self.log_dir, flush_secs=self.flush_secs)
+        hparams = {k: (v if isinstance(v, int | float | str | bool) else str(v)) for k, v in engine.hparams.items()}
+        self.writer.add_hparams(hparams, {}, name=".", global_step=0)
+
+    def on_log(self, engine: Engine, metrics: dict[str, float]) -> None:
+        if self.writer is not None:
+            for name, value in metrics.items():
+                self.writer.add_scalar(name, value, engine.global_step)
+
+    def teardown(self, engine: Engine) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None

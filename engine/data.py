@@ -1,0 +1,178 @@
+"""Feeding data: host batches -> global arrays on the mesh, placed ahead of use.
+
+Every process loads only its own rows of each global batch; the global array is assembled
+from the per-process pieces (`jax.make_array_from_process_local_data`), so the same code
+serves one process and many.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+
+def _is_array_data(data: Any) -> bool:
+    if isinstance(data, dict):
+        return bool(data) and all(isinstance(v, np.ndarray) for v in data.values())
+    if isinstance(data, tuple | list):
+        return bool(data) and all(isinstance(v, np.ndarray) for v in data)
+    return isinstance(data, np.ndarray)
+
+
+@dataclass(frozen=True)
+class HostBatch:
+    """One global batch as this process sees it: its rows, plus the global row count."""
+
+    local: Any
+    global_size: int
+    sharded: bool = True
+
+
+class ArrayLoader:
+    """Batches a tuple/dict (or a single array) of equal-length NumPy arrays.
+
+    The training order within an epoch is a permutation that depends only on (seed, epoch):
+    not on the batch size, the strategy or the number of processes.
+    """
+
+    def __init__(
+        self,
+        data: Any,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        drop_last: bool,
+        seed: int,
+        name: str,
+    ):
+        leaves = jax.tree.leaves(data)
+        lengths = {len(x) if np.ndim(x) else 0 for x in leaves}
+        if len(lengths) != 1 or 0 in lengths:
+            shapes = jax.tree.map(lambda x: tuple(np.shape(x)), data)
+            raise ValueError(
+                f"{name}: all arrays must have the same number of rows (first dimension), got "
+                f"shapes {shapes}. Pass arrays of equal length, e.g. (x[:n], y[:n])."
+            )
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.num_rows = lengths.pop()
+        if self.num_rows < batch_size and drop_last:
+            raise ValueError(
+                f"{name} has {self.num_rows} rows, fewer than one batch of {batch_size}, so an "
+                f"epoch would have no step. Use batch_size <= {self.num_rows} or more data."
+            )
+
+    def __len__(self) -> int:
+        full, rem = divmod(self.num_rows, self.batch_size)
+        return full + (1 if rem and not self.drop_last else 0)
+
+    def order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.num_rows)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
+
+    def epoch(self, epoch: int, start: int = 0, rows_for: RowsFn | None = None) -> Iterator[HostBatch]:
+        """Host batches of `epoch` from batch index `start`; `rows_for(n)` picks local rows."""
+        order = self.order(epoch)
+        for i in range(start, len(self)):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            lo, hi, sharded = rows_for(len(idx)) if rows_for else (0, len(idx), True)
+            rows = idx[lo:hi]
+            yield HostBatch(jax.tree.map(lambda x, r=rows: x[r], self.data), len(idx), sharded)
+
+
+class IterableLoader:
+    """Wraps an iterable of batches already split per process (each yields its own rows)."""
+
+    def __init__(self, data: Iterable[Any], process_count: int, name: str):
+        if not isinstance(data, Iterable):
+            raise TypeError(
+                f"{name} must be a tuple/dict of NumPy arrays or an iterable of batches, got "
+                f"{type(data).__name__}."
+            )
+        self.data, self.process_count, self.name = data, process_count, name
+        self._shapes: Any = None
+
+    def __len__(self) -> int:
+        return len(self.data)  # type: ignore[arg-type]
+
+    def epoch(self, epoch: int, start: int = 0, rows_for: RowsFn | None = None) -> Iterator[HostBatch]:
+        for i, batch in enumerate(self.data):
+            if i < start:
+                continue
+            batch = jax.tree.map(np.asarray, batch)
+            leaves = jax.tree.leaves(batch)
+            yield HostBatch(batch, len(leaves[0]) * self.process_count if leaves else 0)
+
+
+RowsFn = Callable[[int], tuple[int, int, bool]]
+
+
+def make_loader(data: Any, batch_size: int, *, train: bool, seed: int, process_count: int, name: str):
+    """An ArrayLoader for NumPy data, an IterableLoader for anything iterable."""
+    if isinstance(data, tuple | list | dict) and not _is_array_data(data):
+        leaves = jax.tree.leaves(data)
+        if leaves and all(hasattr(x, "shape") for x in leaves):
+            data = jax.tree.map(np.asarray, data)
+    if _is_array_data(data):
+        if isinstance(data, list):
+            data = tuple(data)
+        return ArrayLoader(data, batch_size, shuffle=train, drop_last=train, seed=seed, name=name)
+    return IterableLoader(data, process_count, name)
+
+
+class Placer:
+    """Turns host batches into global arrays laid out by the strategy, a few steps ahead."""
+
+    def __init__(self, batch_sharding: Callable[[int], NamedSharding], replicated: NamedSharding):
+        self.batch_sharding, self.replicated = batch_sharding, replicated
+        self._rows: dict[int, tuple[int, int, bool]] = {}
+        self._multi = jax.process_count() > 1
+
+    def rows_for(self, num_rows: int) -> tuple[int, int, bool]:
+        """This process's contiguous rows [lo, hi) of a global batch of `num_rows`, and whether
+        the batch is sharded (a batch the data axes cannot split evenly is replicated)."""
+        if num_rows not in self._rows:
+            sharding = self.batch_sharding(1)
+            if num_rows % _num_shards(sharding):
+                self._rows[num_rows] = (0, num_rows, False)
+            else:
+                spans = [idx[0] for idx in sharding.addressable_devices_indices_map((num_rows,)).values()]
+                lo = min(s.start or 0 for s in spans)
+                hi = max(num_rows if s.stop is None else s.stop for s in spans)
+                self._rows[num_rows] = (lo, hi, True)
+        return self._rows[num_rows]
+
+    def place(self, batch: HostBatch) -> Any:
+        def put(x: np.ndarray) -> jax.Array:
+            sharding = self.batch_sharding(x.ndim) if batch.sharded else self.replicated
+            if self._multi:
+                global_shape = (batch.global_size, *x.shape[1:]) if x.ndim else ()
+                return jax.make_array_from_process_local_data(sharding, x, global_shape)
+            return jax.device_put(x, sharding)
+
+        return jax.tree.map(put, batch.local)
+
+    def prefetch(self, batches: Iterable[HostBatch], depth: int = 2) -> Iterator[tuple[Any, int]]:
+        """Yield (device batch, global rows), keeping `depth` batches already transferred."""
+        queue: collections.deque = collections.deque()
+        for batch in batches:
+            queue.append((self.place(batch), batch.global_size))
+            if len(queue) > depth:
+                yield queue.popleft()
+        while queue:
+            yield queue.popleft()
+
+
+def _num_shards(sharding: NamedSharding) -> int:
+    spec = sharding.spec[0] if len(sharding.spec) else None
+    if spec is None:
+        return 1
+    axes = spec if isinstance(spec, tuple) else (spec,)
+    return int(np.prod([sharding.mesh.shape[a] for a in axes]))

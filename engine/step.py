@@ -1,0 +1,158 @@
+"""Building the pure step functions: `(state, batch) -> (state, metrics)` and the eval step.
+
+The module is split once (graphdef + state); each step merges a copy inside the traced
+function, runs the user's method, and returns the new non-parameter state as output, so
+Dropout/BatchNorm work under `jax.grad` and nothing is traced more than once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from meshfit.callbacks.base import StepTransform
+from meshfit.module import MetricMeta, log_scope
+from meshfit.state import TrainState
+
+PRECISIONS = {"fp32": None, "32": None, "bf16": jnp.bfloat16, "fp16": jnp.float16}
+
+
+def split_module(module: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """graphdef, parameters, and every other variable of `module`."""
+    return nnx.split(module, nnx.Param, ...)
+
+
+def cast_floating(tree: Any, dtype: Any) -> Any:
+    """Cast floating leaves of `tree` to `dtype` (no-op when dtype is None)."""
+    if dtype is None:
+        return tree
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, tree
+    )
+
+
+def _run_method(graphdef, params, rest, batch, method: str, train: bool, meta):
+    module = nnx.merge(graphdef, params, rest, copy=True)
+    if train:
+        module.train()
+    else:
+        module.eval()
+    with log_scope(meta) as scope:
+        out = getattr(module, method)(batch)
+    _, _, new_rest = split_module(module)
+    return out, scope.values, new_rest
+
+
+def extract_loss(out: Any) -> jax.Array:
+    """The scalar loss from what `training_step` returned, or a clear error."""
+    if isinstance(out, dict):
+        if "loss" not in out:
+            raise ValueError(
+                f"training_step returned a dict without a 'loss' entry (keys: {sorted(out)}). "
+                "Return the scalar loss, or a dict holding it under 'loss'."
+            )
+        out = out["loss"]
+    if out is None:
+        raise ValueError("training_step returned None. Return the scalar loss to minimise.")
+    loss = jnp.asarray(out)
+    if loss.shape != () or not jnp.issubdtype(loss.dtype, jnp.floating):
+        raise ValueError(
+            f"training_step must return a scalar floating loss, got an array of shape "
+            f"{tuple(loss.shape)} and dtype {loss.dtype}. Reduce it, e.g. `return loss.mean()`."
+        )
+    return loss.astype(jnp.float32)
+
+
+def _select(ok: jax.Array, new: Any, old: Any) -> Any:
+    return jax.tree.map(lambda a, b: jax.lax.select(ok, a, b), new, old)
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    transforms: Sequence[StepTransform],
+    meta: dict[str, MetricMeta],
+    *,
+    compute_dtype: Any = None,
+    context: Callable[[], Any] = contextlib.nullcontext,
+) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
+    """The pure training step, composing the in-step transforms around one optimizer update."""
+    meta["loss"] = MetricMeta("mean", prog_bar=True)
+
+    def loss_fn(params, rest, batch, extra):
+        out, logs, new_rest = _run_method(
+            graphdef,
+            cast_floating(params, compute_dtype),
+            rest,
+            cast_floating(batch, compute_dtype),
+            "training_step",
+            True,
+            meta,
+        )
+        loss = extract_loss(out)
+        objective = loss
+        for t in transforms:
+            objective = t.scale_loss(objective, extra[t.state_key])
+        return objective, ({**logs, "loss": loss}, new_rest)
+
+    def train_step(state: TrainState, batch: Any):
+        with context():
+            grad_fn = functools.partial(jax.grad(loss_fn, has_aux=True), extra=state.extra)
+            for t in transforms:
+                grad_fn = t.wrap_grad_fn(grad_fn)
+            grads, (logs, rest) = grad_fn(state.params, state.rest, batch)
+
+        extra, ok = dict(state.extra), None
+        for t in transforms:
+            grads, extra[t.state_key], t_ok = t.process_grads(grads, state.extra[t.state_key])
+            if t_ok is not None:
+                ok = t_ok if ok is None else ok & t_ok
+            logs.update(t.metrics(extra[t.state_key]))
+
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new = TrainState(state.step + 1, params, rest, opt_state, extra)
+        if ok is not None:  # a transform may veto the update: keep everything but its own state
+            new = _select(ok, new, state.replace(extra=extra))
+        return new, logs
+
+    return train_step
+
+
+def make_eval_step(
+    graphdef: nnx.GraphDef,
+    meta: dict[str, MetricMeta],
+    *,
+    compute_dtype: Any = None,
+    context: Callable[[], Any] = contextlib.nullcontext,
+) -> Callable[[nnx.State, nnx.State, Any], dict[str, jax.Array]]:
+    """The pure validation step: metrics logged by `validation_step` (plus `val_loss` if returned)."""
+
+    def eval_step(params, rest, batch):
+        with context():
+            out, logs, _ = _run_method(
+                graphdef,
+                cast_floating(params, compute_dtype),
+                rest,
+                cast_floating(batch, compute_dtype),
+                "validation_step",
+                False,
+                meta,
+            )
+        if isinstance(out, dict) and "loss" in out:
+            out = out["loss"]
+        if out is not None and "val_loss" not in logs and jnp.ndim(out) == 0:
+            logs["val_loss"] = jnp.asarray(out, jnp.float32)
+            meta.setdefault("val_loss", MetricMeta("mean", prog_bar=True))
+        return logs
+
+    return eval_step
+
+

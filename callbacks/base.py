@@ -59,6 +59,7 @@ class Callback:
     ) -> None: ...
     def on_log(self, engine: Engine, metrics: dict[str, float]) -> None:
         """Freshly reduced metrics (train window or a validation pass), as Python floats."""
+
     def on_validation_start(self, engine: Engine) -> None: ...
     def on_validation_end(self, engine: Engine) -> None: ...
     def on_train_epoch_end(self, engine: Engine) -> None: ...
@@ -124,5 +125,9 @@ class StepTransform(Callback):
 
 def all_finite(tree: Any) -> jax.Array:
     """A scalar bool: every floating leaf of `tree` is finite."""
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    leaves = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)

@@ -33,8 +33,13 @@ class ProgressBar(Callback):
             epoch_steps = engine.max_epochs * engine.num_training_batches
             total = min(total, epoch_steps) if total is not None else epoch_steps
         self.bar = tqdm(
-            total=total, initial=engine.global_step, unit="step", dynamic_ncols=True,
-            mininterval=self.refresh_rate, leave=self.leave, file=self.file,
+            total=total,
+            initial=engine.global_step,
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=self.refresh_rate,
+            leave=self.leave,
+            file=self.file,
         )
         self._set_epoch(engine)
 

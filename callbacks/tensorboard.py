@@ -43,7 +43,10 @@ class TensorBoardLogger(Callback):
         root = self.save_dir or os.path.join(engine.default_root_dir, "tensorboard")
         self.log_dir = next_version_dir(root)
         self.writer = SummaryWriter(self.log_dir, flush_secs=self.flush_secs)
-        hparams = {k: (v if isinstance(v, int | float | str | bool) else str(v)) for k, v in engine.hparams.items()}
+        hparams = {
+            k: (v if isinstance(v, int | float | str | bool) else str(v))
+            for k, v in engine.hparams.items()
+        }
         self.writer.add_hparams(hparams, {}, name=".", global_step=0)
 
     def on_log(self, engine: Engine, metrics: dict[str, float]) -> None:

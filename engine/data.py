@@ -77,7 +77,9 @@ class ArrayLoader:
             return np.arange(self.num_rows)
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
 
-    def epoch(self, epoch: int, start: int = 0, rows_for: RowsFn | None = None) -> Iterator[HostBatch]:
+    def epoch(
+        self, epoch: int, start: int = 0, rows_for: RowsFn | None = None
+    ) -> Iterator[HostBatch]:
         """Host batches of `epoch` from batch index `start`; `rows_for(n)` picks local rows."""
         order = self.order(epoch)
         for i in range(start, len(self)):
@@ -102,7 +104,9 @@ class IterableLoader:
     def __len__(self) -> int:
         return len(self.data)  # type: ignore[arg-type]
 
-    def epoch(self, epoch: int, start: int = 0, rows_for: RowsFn | None = None) -> Iterator[HostBatch]:
+    def epoch(
+        self, epoch: int, start: int = 0, rows_for: RowsFn | None = None
+    ) -> Iterator[HostBatch]:
         for i, batch in enumerate(self.data):
             if i < start:
                 continue
@@ -114,7 +118,9 @@ class IterableLoader:
 RowsFn = Callable[[int], tuple[int, int, bool]]
 
 
-def make_loader(data: Any, batch_size: int, *, train: bool, seed: int, process_count: int, name: str):
+def make_loader(
+    data: Any, batch_size: int, *, train: bool, seed: int, process_count: int, name: str
+):
     """An ArrayLoader for NumPy data, an IterableLoader for anything iterable."""
     if isinstance(data, tuple | list | dict) and not _is_array_data(data):
         leaves = jax.tree.leaves(data)
@@ -143,7 +149,9 @@ class Placer:
             if num_rows % _num_shards(sharding):
                 self._rows[num_rows] = (0, num_rows, False)
             else:
-                spans = [idx[0] for idx in sharding.addressable_devices_indices_map((num_rows,)).values()]
+                spans = [
+                    idx[0] for idx in sharding.addressable_devices_indices_map((num_rows,)).values()
+                ]
                 lo = min(s.start or 0 for s in spans)
                 hi = max(num_rows if s.stop is None else s.stop for s in spans)
                 self._rows[num_rows] = (lo, hi, True)

@@ -71,7 +71,9 @@ class Engine:
                 "or pass a Strategy object, e.g. Engine(strategy=DataParallel())."
             )
         if not isinstance(strategy, str | Strategy):
-            raise TypeError(f"strategy must be a name or a Strategy, got {type(strategy).__name__}.")
+            raise TypeError(
+                f"strategy must be a name or a Strategy, got {type(strategy).__name__}."
+            )
         if max_epochs is None and max_steps is None:
             raise ValueError(
                 "Engine needs a stopping point: both max_epochs and max_steps are unset. "
@@ -87,10 +89,16 @@ class Engine:
         ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        if val_every_n_steps is not None and (not isinstance(val_every_n_steps, int) or val_every_n_steps < 1):
-            raise ValueError(f"val_every_n_steps must be a positive integer or None, got {val_every_n_steps!r}.")
+        if val_every_n_steps is not None and (
+            not isinstance(val_every_n_steps, int) or val_every_n_steps < 1
+        ):
+            raise ValueError(
+                f"val_every_n_steps must be a positive integer or None, got {val_every_n_steps!r}."
+            )
         if precision not in PRECISIONS:
-            raise ValueError(f"precision={precision!r} is not supported; use one of {sorted(PRECISIONS)}.")
+            raise ValueError(
+                f"precision={precision!r} is not supported; use one of {sorted(PRECISIONS)}."
+            )
         if gradient_clip_algorithm not in ("norm", "value"):
             raise ValueError(
                 f"gradient_clip_algorithm={gradient_clip_algorithm!r}; use 'norm' (global norm) or 'value'."
@@ -101,9 +109,16 @@ class Engine:
         self.devices = self._resolve_devices(devices)
         self.strategy_arg = strategy
         self.max_epochs, self.max_steps, self.batch_size = max_epochs, max_steps, batch_size
-        self.seed, self.log_every_n_steps, self.val_every_n_steps = seed, log_every_n_steps, val_every_n_steps
+        self.seed, self.log_every_n_steps, self.val_every_n_steps = (
+            seed,
+            log_every_n_steps,
+            val_every_n_steps,
+        )
         self.default_root_dir, self.precision = os.fspath(default_root_dir), precision
-        self.gradient_clip_val, self.gradient_clip_algorithm = gradient_clip_val, gradient_clip_algorithm
+        self.gradient_clip_val, self.gradient_clip_algorithm = (
+            gradient_clip_val,
+            gradient_clip_algorithm,
+        )
         self.max_in_flight = max_in_flight
         self.callbacks = self._default_callbacks(list(callbacks or []), enable_progress_bar, logger)
 
@@ -142,7 +157,9 @@ class Engine:
         return devices
 
     @staticmethod
-    def _default_callbacks(callbacks: list[Callback], progress_bar: bool, logger: bool | Callback) -> list[Callback]:
+    def _default_callbacks(
+        callbacks: list[Callback], progress_bar: bool, logger: bool | Callback
+    ) -> list[Callback]:
         from meshfit.callbacks import ProgressBar, TensorBoardLogger
 
         for cb in callbacks:
@@ -225,7 +242,9 @@ class Engine:
             tx = optax.chain(clip, tx)
         return tx
 
-    def _build_state(self, module_or_factory: ModuleOrFactory) -> tuple[nnx.Module | None, optax.GradientTransformation]:
+    def _build_state(
+        self, module_or_factory: ModuleOrFactory
+    ) -> tuple[nnx.Module | None, optax.GradientTransformation]:
         """Create `self.state` laid out by the strategy. A factory is built directly sharded."""
         strategy = self._setup_strategy()
         is_factory = not isinstance(module_or_factory, nnx.Module)
@@ -262,7 +281,9 @@ class Engine:
                 self.init_compiled = jax.jit(build, out_shardings=shardings).lower().compile()
                 self.state = self.init_compiled()
             else:
-                params, rest = jax.device_put((params, rest), (shardings.params, shardings.rest), may_alias=False)
+                params, rest = jax.device_put(
+                    (params, rest), (shardings.params, shardings.rest), may_alias=False
+                )
                 self.state = jax.jit(init, out_shardings=shardings)(params, rest)
         self._graphdef, self._state_shardings = graphdef, shardings
         return (None if is_factory else module_or_factory), tx
@@ -279,21 +300,37 @@ class Engine:
         rows_per_step = self.batch_size * self.micro_batches
         strategy.check_batch_size(self.batch_size)
         train_loader = make_loader(
-            train_data, rows_per_step, train=True, seed=self.seed,
-            process_count=distributed.process_count(), name="train_data",
+            train_data,
+            rows_per_step,
+            train=True,
+            seed=self.seed,
+            process_count=distributed.process_count(),
+            name="train_data",
         )
         val_loader = None
         if val_data is not None:
             val_loader = make_loader(
-                val_data, self.batch_size, train=False, seed=self.seed,
-                process_count=distributed.process_count(), name="val_data",
+                val_data,
+                self.batch_size,
+                train=False,
+                seed=self.seed,
+                process_count=distributed.process_count(),
+                name="val_data",
             )
-        self.num_training_batches = len(train_loader) if hasattr(train_loader, "__len__") and _has_len(train_loader) else None
+        self.num_training_batches = (
+            len(train_loader)
+            if hasattr(train_loader, "__len__") and _has_len(train_loader)
+            else None
+        )
         self._placer = Placer(strategy.batch_sharding, strategy.replicated())
 
         train_step = make_train_step(
-            self._graphdef, tx, self.transforms, self.metric_meta,
-            compute_dtype=PRECISIONS[self.precision], context=strategy.step_context,
+            self._graphdef,
+            tx,
+            self.transforms,
+            self.metric_meta,
+            compute_dtype=PRECISIONS[self.precision],
+            context=strategy.step_context,
         )
         batch_example = self._example_batch(train_loader)
         batch_shardings = jax.tree.map(lambda x: strategy.batch_sharding(x.ndim), batch_example)
@@ -303,30 +340,38 @@ class Engine:
             out_shardings=(self._state_shardings, strategy.replicated()),
             donate_argnums=0,
         )
+        self._build_eval_step()
+        self.module = (
+            instance
+            if instance is not None
+            else nnx.merge(self._graphdef, self.state.params, self.state.rest)
+        )
+        # Tracing, compiling and the loop all run under the mesh (it is part of the trace key).
         with jax.set_mesh(strategy.mesh):
             self.compiled_step = self._train_step.lower(self.state, batch_example).compile()
-        self._build_eval_step()
-        self.module = instance if instance is not None else nnx.merge(self._graphdef, self.state.params, self.state.rest)
-
-        self._call("on_fit_start")
-        try:
-            self._fit_loop(train_loader, val_loader)
-            self._call("on_fit_end")
-        except BaseException as exc:
-            self._call("on_exception", exc)
-            raise
-        finally:
-            self._write_back()
-            self._call("teardown")
+            self._call("on_fit_start")
+            try:
+                self._fit_loop(train_loader, val_loader)
+                self._call("on_fit_end")
+            except BaseException as exc:
+                self._call("on_exception", exc)
+                raise
+            finally:
+                self._write_back()
+                self._call("teardown")
 
     def _example_batch(self, loader: Any) -> Any:
         """Abstract first batch (shapes, dtypes, shardings) to compile the step before the loop."""
         first = next(iter(loader.epoch(0, rows_for=self._placer.rows_for)))
         if not first.sharded or first.global_size % self.strategy.data_parallel_size:
             self.strategy.check_batch_size(first.global_size, "Training batch size")
+
         def abstract(x):
             shape = (first.global_size, *x.shape[1:]) if x.ndim else ()
-            return jax.ShapeDtypeStruct(shape, x.dtype, sharding=self.strategy.batch_sharding(x.ndim))
+            return jax.ShapeDtypeStruct(
+                shape, x.dtype, sharding=self.strategy.batch_sharding(x.ndim)
+            )
+
         return jax.tree.map(abstract, first.local)
 
     def _fit_loop(self, train_loader: Any, val_loader: Any) -> None:
@@ -352,13 +397,22 @@ class Engine:
                     self._log(window)
                 if batch_hooks:
                     self._call("on_train_batch_end", outputs, batch, self.batch_idx - 1)
-                if val_loader is not None and self.val_every_n_steps and self.global_step % self.val_every_n_steps == 0:
+                if (
+                    val_loader is not None
+                    and self.val_every_n_steps
+                    and self.global_step % self.val_every_n_steps == 0
+                ):
                     self._validation_pass(val_loader)
                 if self.should_stop or self._reached_max_steps():
-                    exhausted = self.num_training_batches is not None and self.batch_idx >= self.num_training_batches
+                    exhausted = (
+                        self.num_training_batches is not None
+                        and self.batch_idx >= self.num_training_batches
+                    )
                     break
             if self.global_step == 0 and self.batch_idx == 0:
-                raise ValueError("train_data produced no batches; check that it is not an exhausted iterator.")
+                raise ValueError(
+                    "train_data produced no batches; check that it is not an exhausted iterator."
+                )
             self._log(window)
             if exhausted:
                 if val_loader is not None and self.val_every_n_steps is None:
@@ -393,8 +447,10 @@ class Engine:
     def _build_eval_step(self) -> None:
         self._val_meta: dict[str, MetricMeta] = {}
         eval_step = make_eval_step(
-            self._graphdef, self._val_meta,
-            compute_dtype=PRECISIONS[self.precision], context=self.strategy.step_context,
+            self._graphdef,
+            self._val_meta,
+            compute_dtype=PRECISIONS[self.precision],
+            context=self.strategy.step_context,
         )
         self._eval_step = jax.jit(eval_step)
 
@@ -402,13 +458,12 @@ class Engine:
         self._call("on_validation_start")
         window = MetricWindow(self._val_meta)
         in_flight: collections.deque = collections.deque()
-        with jax.set_mesh(self.strategy.mesh):
-            for batch, rows in self._placer.prefetch(loader.epoch(0, 0, self._placer.rows_for)):
-                outputs = self._eval_step(self.state.params, self.state.rest, batch)
-                window.add(outputs, weight=rows)
-                in_flight.append(outputs)
-                if len(in_flight) > self.max_in_flight:
-                    jax.block_until_ready(in_flight.popleft())
+        for batch, rows in self._placer.prefetch(loader.epoch(0, 0, self._placer.rows_for)):
+            outputs = self._eval_step(self.state.params, self.state.rest, batch)
+            window.add(outputs, weight=rows)
+            in_flight.append(outputs)
+            if len(in_flight) > self.max_in_flight:
+                jax.block_until_ready(in_flight.popleft())
         metrics = window.compute() if len(window) else {}
         self.callback_metrics.update(metrics)
         if metrics:
@@ -431,10 +486,15 @@ class Engine:
             self._placer = Placer(strategy.batch_sharding, strategy.replicated())
             self._build_eval_step()
         loader = make_loader(
-            data, self.batch_size, train=False, seed=self.seed,
-            process_count=distributed.process_count(), name="data",
+            data,
+            self.batch_size,
+            train=False,
+            seed=self.seed,
+            process_count=distributed.process_count(),
+            name="data",
         )
-        return self._validation_pass(loader)
+        with jax.set_mesh(self.strategy.mesh):
+            return self._validation_pass(loader)
 
 
 def _has_len(loader: Any) -> bool:

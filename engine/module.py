@@ -31,7 +31,9 @@ class LogScope:
     meta: dict[str, MetricMeta] = field(default_factory=dict)
 
 
-_SCOPE: contextvars.ContextVar[LogScope | None] = contextvars.ContextVar("meshfit_log_scope", default=None)
+_SCOPE: contextvars.ContextVar[LogScope | None] = contextvars.ContextVar(
+    "meshfit_log_scope", default=None
+)
 
 
 @contextlib.contextmanager

@@ -154,5 +154,3 @@ def make_eval_step(
         return logs
 
     return eval_step
-
-

@@ -46,7 +46,9 @@ class Strategy:
 
     def _require_mesh(self) -> Mesh:
         if self.mesh is None:
-            raise RuntimeError(f"Strategy {self.name!r} has no mesh yet; call setup(devices) first.")
+            raise RuntimeError(
+                f"Strategy {self.name!r} has no mesh yet; call setup(devices) first."
+            )
         return self.mesh
 
     @property

@@ -39,6 +39,7 @@ class TensorBoardLogger(Callback):
         if not engine.is_global_zero or self.writer is not None:
             return
         from tensorboardX import SummaryWriter
+        from tensorboardX.summary import hparams as hparams_summaries
 
         root = self.save_dir or os.path.join(engine.default_root_dir, "tensorboard")
         self.log_dir = next_version_dir(root)
@@ -47,7 +48,9 @@ class TensorBoardLogger(Callback):
             k: (v if isinstance(v, int | float | str | bool) else str(v))
             for k, v in engine.hparams.items()
         }
-        self.writer.add_hparams(hparams, {}, name=".", global_step=0)
+        # Written through this writer (add_hparams would open a second one on the same file).
+        for summary in hparams_summaries(hparams, {}):
+            self.writer.file_writer.add_summary(summary, 0)
 
     def on_log(self, engine: Engine, metrics: dict[str, float]) -> None:
         if self.writer is not None:

@@ -214,7 +214,7 @@ class Engine:
         self._hooks: dict[str, list[Callable]] = collections.defaultdict(list)
         for cb in self.callbacks:
             for hook in overridden_hooks(cb):
-                self._hooks[hook].append(getattr(type(cb), hook).__get__(cb))
+                self._hooks[hook].append(getattr(cb, hook))
 
     def _setup_strategy(self) -> Strategy:
         if self.strategy is None:

@@ -1,0 +1,62 @@
+"""Progress bar and TensorBoard: output from process 0 only, scalars at the log cadence."""
+
+import glob
+import io
+import struct
+
+import pytest
+from flax import nnx
+from tensorboardX.proto import event_pb2
+
+from meshfit import Engine, distributed
+from meshfit.callbacks import ProgressBar, TensorBoardLogger
+from tests.models import MLP, classification_data
+
+
+def read_scalars(log_dir):
+    """{tag: [(step, value), ...]} from the TFRecord event files in `log_dir`."""
+    scalars = {}
+    for path in glob.glob(f"{log_dir}/events.out.tfevents.*"):
+        data = open(path, "rb").read()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
+            pos += 12 + length + 4
+            for v in event.summary.value:
+                if v.HasField("simple_value"):
+                    scalars.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return scalars
+
+
+def fit(tmp_path, bar_file):
+    x, y = classification_data(n=256)
+    engine = Engine(
+        strategy="dp", max_epochs=2, batch_size=64, log_every_n_steps=2,
+        default_root_dir=str(tmp_path / "runs"), callbacks=[ProgressBar(file=bar_file)],
+    )
+    engine.fit(MLP(nnx.Rngs(0)), (x, y), val_data=(x[:64], y[:64]))
+    return engine
+
+
+def test_process_zero_writes_one_bar_and_event_files(tmp_path):
+    buf = io.StringIO()
+    engine = fit(tmp_path, buf)
+    out = buf.getvalue()
+    assert "Epoch 2/2" in out and "loss=" in out and "acc=" in out and "step/s" in out
+    assert out.count("\n") == 1  # one bar, closed once: validation did not start new lines
+    logger = next(cb for cb in engine.callbacks if isinstance(cb, TensorBoardLogger))
+    scalars = read_scalars(logger.log_dir)
+    assert [s for s, _ in scalars["loss"]] == [2, 4, 6, 8]
+    assert [s for s, _ in scalars["val_acc"]] == [4, 8]
+    assert scalars["loss"][-1][1] == pytest.approx(engine.callback_metrics["loss"], rel=1e-6)
+
+
+def test_other_processes_write_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(distributed, "process_index", lambda: 1)
+    buf = io.StringIO()
+    engine = fit(tmp_path, buf)
+    assert not engine.is_global_zero
+    assert buf.getvalue() == ""
+    assert not glob.glob(str(tmp_path / "runs" / "**" / "events.out.tfevents.*"), recursive=True)
+    assert "loss" in engine.callback_metrics  # metrics are still global on every process

@@ -62,7 +62,7 @@ class ProgressBar(Callback):
         for name, value in metrics.items():
             if name == "loss" or (name in meta and meta[name].prog_bar):
                 self._shown[name] = _fmt(value)
-        self.bar.set_postfix(self._shown, refresh=True)
+        self.bar.set_postfix(self._shown, refresh=False)
 
     def teardown(self, engine: Engine) -> None:
         if self.bar is not None:

@@ -14,15 +14,23 @@ import sys
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--strategy", default="auto", help="single, dp, fsdp, hybrid, ... (default auto)")
-    p.add_argument("--devices", type=int, default=None, help="number of devices (virtual CPUs if no GPU)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--strategy", default="auto", help="single, dp, fsdp, hybrid, ... (default auto)"
+    )
+    p.add_argument(
+        "--devices", type=int, default=None, help="number of devices (virtual CPUs if no GPU)"
+    )
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--root", default="./runs/digits", help="logs and checkpoints")
-    p.add_argument("--target", type=float, default=0.95, help="exit non-zero below this val accuracy")
+    p.add_argument(
+        "--target", type=float, default=0.95, help="exit non-zero below this val accuracy"
+    )
     return p.parse_args()
 
 
@@ -64,7 +72,9 @@ class Classifier(TrainModule):
 
     def configure_optimizers(self):
         steps = 30 * 23
-        return optax.adamw(optax.cosine_decay_schedule(self.lr, steps, alpha=0.1), weight_decay=1e-4)
+        return optax.adamw(
+            optax.cosine_decay_schedule(self.lr, steps, alpha=0.1), weight_decay=1e-4
+        )
 
 
 def load() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
@@ -90,8 +100,10 @@ def main() -> int:
     )
     engine.fit(module, train, val_data=val)
     metrics = engine.callback_metrics
-    print(f"strategy={engine.strategy.name} devices={len(engine.devices)} "
-          f"val_acc={metrics['val_acc']:.4f} val_loss={metrics['val_loss']:.4f}")
+    print(
+        f"strategy={engine.strategy.name} devices={len(engine.devices)} "
+        f"val_acc={metrics['val_acc']:.4f} val_loss={metrics['val_loss']:.4f}"
+    )
     return 0 if metrics["val_acc"] >= args.target else 1
 
 

@@ -41,7 +41,9 @@ class Recorder(Callback):
 def test_hook_order_over_two_epochs():
     x, y = classification_data(n=128)
     rec = Recorder()
-    engine = Engine(strategy="dp", max_epochs=2, batch_size=64, log_every_n_steps=2, callbacks=[rec], **quiet())
+    engine = Engine(
+        strategy="dp", max_epochs=2, batch_size=64, log_every_n_steps=2, callbacks=[rec], **quiet()
+    )
     engine.fit(MLP(nnx.Rngs(0)), (x, y), val_data=(x[:64], y[:64]))
     batch = ["on_train_batch_start", "on_train_batch_end"]
     epoch = [
@@ -65,7 +67,9 @@ def test_exception_hook_then_teardown():
 
     rec = Recorder()
     x, y = classification_data(n=128)
-    engine = Engine(strategy="single", max_epochs=1, batch_size=64, callbacks=[Boom(), rec], **quiet())
+    engine = Engine(
+        strategy="single", max_epochs=1, batch_size=64, callbacks=[Boom(), rec], **quiet()
+    )
     try:
         engine.fit(MLP(nnx.Rngs(0)), (x, y))
     except RuntimeError as e:
@@ -83,5 +87,7 @@ def test_outputs_reach_on_train_batch_end_as_device_arrays():
             seen.append((batch_idx, sorted(outputs)))
 
     x, y = classification_data(n=128)
-    Engine(strategy="dp", max_steps=3, batch_size=64, callbacks=[Peek()], **quiet()).fit(MLP(nnx.Rngs(0)), (x, y))
+    Engine(strategy="dp", max_steps=3, batch_size=64, callbacks=[Peek()], **quiet()).fit(
+        MLP(nnx.Rngs(0)), (x, y)
+    )
     assert seen == [(0, ["acc", "loss"]), (1, ["acc", "loss"]), (0, ["acc", "loss"])]

@@ -32,8 +32,12 @@ def read_scalars(log_dir):
 def fit(tmp_path, bar_file):
     x, y = classification_data(n=256)
     engine = Engine(
-        strategy="dp", max_epochs=2, batch_size=64, log_every_n_steps=2,
-        default_root_dir=str(tmp_path / "runs"), callbacks=[ProgressBar(file=bar_file)],
+        strategy="dp",
+        max_epochs=2,
+        batch_size=64,
+        log_every_n_steps=2,
+        default_root_dir=str(tmp_path / "runs"),
+        callbacks=[ProgressBar(file=bar_file)],
     )
     engine.fit(MLP(nnx.Rngs(0)), (x, y), val_data=(x[:64], y[:64]))
     return engine

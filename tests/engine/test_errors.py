@@ -66,7 +66,9 @@ def test_non_scalar_loss():
             return optax.softmax_cross_entropy_with_integer_labels(self(x), y)  # forgot .mean()
 
     engine = Engine(max_steps=1, batch_size=64, **quiet())
-    with pytest.raises(ValueError, match=r"scalar floating loss, got an array of shape \(64,\).*loss.mean\(\)"):
+    with pytest.raises(
+        ValueError, match=r"scalar floating loss, got an array of shape \(64,\).*loss.mean\(\)"
+    ):
         engine.fit(VectorLoss(nnx.Rngs(0)), classification_data())
     assert engine.compiled_step is None
 

@@ -11,8 +11,9 @@ TensorBoard logger). One device is configured, as single-device speed should be 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import os
-import sys
 import tempfile
 import time
 
@@ -32,7 +33,7 @@ from meshfit.callbacks import Callback
 
 class MLP(TrainModule):
     def __init__(self, sizes, rngs):
-        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
+        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in itertools.pairwise(sizes)])
 
     def __call__(self, x):
         for layer in self.layers[:-1]:
@@ -115,12 +116,9 @@ def meshfit_fit(sizes, batch_size, steps, root):
         callbacks=[timer],
         default_root_dir=root,
     )
-    devnull = open(os.devnull, "w")
-    stderr, sys.stderr = sys.stderr, devnull  # keep the progress bar on, but off the terminal
-    try:
+    # keep the progress bar on, but off the terminal
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
         engine.fit(MLP(sizes, nnx.Rngs(0)), data())
-    finally:
-        sys.stderr = stderr
     return steps / timer.seconds
 
 

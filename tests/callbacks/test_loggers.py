@@ -17,7 +17,8 @@ def read_scalars(log_dir):
     """{tag: [(step, value), ...]} from the TFRecord event files in `log_dir`."""
     scalars = {}
     for path in glob.glob(f"{log_dir}/events.out.tfevents.*"):
-        data = open(path, "rb").read()
+        with open(path, "rb") as f:
+            data = f.read()
         pos = 0
         while pos < len(data):
             (length,) = struct.unpack("<Q", data[pos : pos + 8])

@@ -35,7 +35,9 @@ def parse_args() -> argparse.Namespace:
 
 
 args = parse_args()
-if args.devices:  # must happen before JAX initialises; only affects the CPU platform
+if args.devices and "MESHFIT_NUM_PROCESSES" not in os.environ:
+    # must happen before JAX initialises; only affects the CPU platform (under `meshfit launch`,
+    # --cpu-devices-per-process sets the count instead)
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.devices}"
     )
@@ -100,10 +102,11 @@ def main() -> int:
     )
     engine.fit(module, train, val_data=val)
     metrics = engine.callback_metrics
-    print(
-        f"strategy={engine.strategy.name} devices={len(engine.devices)} "
-        f"val_acc={metrics['val_acc']:.4f} val_loss={metrics['val_loss']:.4f}"
-    )
+    if engine.is_global_zero:
+        print(
+            f"strategy={engine.strategy.name} devices={len(engine.devices)} "
+            f"val_acc={metrics['val_acc']:.4f} val_loss={metrics['val_loss']:.4f}"
+        )
     return 0 if metrics["val_acc"] >= args.target else 1
 
 

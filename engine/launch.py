@@ -1,0 +1,146 @@
+"""`meshfit launch`: start N local processes of one script on one `jax.distributed` job.
+
+    meshfit launch --nproc 2 --cpu-devices-per-process 4 examples/digits.py --strategy dp
+
+Each child gets the launcher environment (coordinator, world size, rank) and runs the script
+through `meshfit.bootstrap`, which sets up `jax.distributed` before the script's first line.
+Output lines are prefixed with the rank; SIGINT/SIGTERM are forwarded; if any child fails, the
+others are stopped (SIGTERM, then SIGKILL after a grace period) and the launcher exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from meshfit import distributed
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="meshfit launch", description=__doc__.split("\n\n")[0])
+    p.add_argument("--nproc", type=int, required=True, help="processes to start on this machine")
+    p.add_argument("--nnodes", type=int, default=1, help="machines in the job (default 1)")
+    p.add_argument("--node-rank", type=int, default=0, help="this machine's index (default 0)")
+    p.add_argument(
+        "--coordinator", default=None, help="HOST:PORT of process 0 (default: loopback, free port)"
+    )
+    p.add_argument(
+        "--cpu-devices-per-process", type=int, default=None, help="virtual CPU devices per process"
+    )
+    p.add_argument(
+        "--grace-seconds", type=float, default=10.0, help="wait before SIGKILL when stopping"
+    )
+    p.add_argument("script")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    args = p.parse_args(argv)
+    if args.nproc < 1 or args.nnodes < 1:
+        p.error(f"--nproc and --nnodes must be >= 1, got {args.nproc} and {args.nnodes}")
+    if not 0 <= args.node_rank < args.nnodes:
+        p.error(f"--node-rank {args.node_rank} is out of range for --nnodes {args.nnodes}")
+    if args.nnodes > 1 and not args.coordinator:
+        p.error("--nnodes > 1 needs --coordinator HOST:PORT (the machine of node rank 0)")
+    if not os.path.exists(args.script):
+        p.error(f"script {args.script!r} does not exist")
+    return args
+
+
+def _pump(stream, rank: int, lock: threading.Lock) -> None:
+    for raw in iter(stream.readline, b""):
+        line = raw.decode(errors="replace").rstrip("\n")
+        with lock:
+            sys.stdout.write(f"[rank {rank}] {line}\n")
+            sys.stdout.flush()
+    stream.close()
+
+
+def _stop(procs: list[subprocess.Popen], grace: float) -> None:
+    """SIGTERM every live child's process group, then SIGKILL what is left after `grace` s."""
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for p in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)  # also reaps grandchildren of finished children
+        p.wait()
+
+
+def _exit_code(code: int) -> int:
+    return 128 - code if code < 0 else code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    coordinator = args.coordinator or f"127.0.0.1:{free_port()}"
+    world = args.nproc * args.nnodes
+    procs: list[subprocess.Popen] = []
+    pumps: list[threading.Thread] = []
+    lock = threading.Lock()
+    for local_rank in range(args.nproc):
+        rank = args.node_rank * args.nproc + local_rank
+        env = dict(
+            os.environ,
+            PYTHONUNBUFFERED="1",
+            **{
+                distributed.ENV_COORDINATOR: coordinator,
+                distributed.ENV_NUM_PROCESSES: str(world),
+                distributed.ENV_PROCESS_ID: str(rank),
+                distributed.ENV_LOCAL_RANK: str(local_rank),
+            },
+        )
+        if args.cpu_devices_per_process:
+            env[distributed.ENV_CPU_DEVICES] = str(args.cpu_devices_per_process)
+        cmd = [sys.executable, "-m", "meshfit.bootstrap", args.script, *args.args]
+        p = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        procs.append(p)
+        pumps.append(threading.Thread(target=_pump, args=(p.stdout, rank, lock), daemon=True))
+        pumps[-1].start()
+
+    def forward(signum, _frame):
+        for p in procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = next((c for c in codes if c not in (None, 0)), None)
+            if failed is not None:
+                rank = args.node_rank * args.nproc + codes.index(failed)
+                sys.stderr.write(
+                    f"meshfit launch: rank {rank} exited with {_exit_code(failed)}; stopping the others\n"
+                )
+                _stop(procs, args.grace_seconds)
+                return _exit_code(failed)
+            if all(c == 0 for c in codes):
+                return 0
+            time.sleep(0.05)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for t in pumps:
+            t.join(timeout=5)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

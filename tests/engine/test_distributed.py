@@ -1,0 +1,152 @@
+"""Multi-process training with `meshfit launch`: parity with one process, failures, bad setups."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from meshfit import distributed
+from meshfit.strategies import available_strategies
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(ROOT, "tests", "engine", "mp_train.py")
+
+
+def child_env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MESHFIT_", "XLA_FLAGS"))}
+    env.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", **extra)
+    env["XLA_FLAGS"] = "--xla_cpu_collective_call_terminate_timeout_seconds=30"
+    return env
+
+
+def run(cmd, timeout=180, **env):
+    return subprocess.run(
+        cmd, env=child_env(**env), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def launch(*args, timeout=180):
+    return run([sys.executable, "-m", "meshfit.launch", *args], timeout=timeout)
+
+
+@pytest.mark.parametrize("strategy", ["dp", "fsdp"])
+def test_two_processes_match_one_process_with_four_devices(strategy, tmp_path):
+    if strategy not in available_strategies():
+        pytest.skip(f"{strategy} not available")
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    ref = run(
+        [sys.executable, "-m", "meshfit.bootstrap", SCRIPT, strategy, one], MESHFIT_CPU_DEVICES="4"
+    )
+    assert ref.returncode == 0, ref.stdout + ref.stderr
+    res = launch("--nproc", "2", "--cpu-devices-per-process", "2", SCRIPT, strategy, two)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "[rank 0] process 0 done: 4 devices" in res.stdout
+    assert "[rank 1] process 1 done: 4 devices" in res.stdout
+    a, b = np.load(one + ".npz"), np.load(two + ".npz")
+    assert len(a.files) == 4
+    for k in a.files:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-5, rtol=0)
+
+
+def test_a_crashing_child_stops_the_launcher(tmp_path):
+    script = tmp_path / "crash.py"
+    script.write_text(
+        textwrap.dedent("""
+        import time, jax
+        print("up", jax.process_index(), flush=True)
+        if jax.process_index() == 1:
+            raise RuntimeError("child failure")
+        time.sleep(300)
+    """)
+    )
+    start = time.monotonic()
+    res = launch("--nproc", "2", "--grace-seconds", "5", str(script), timeout=60)
+    elapsed = time.monotonic() - start
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert elapsed < 30
+    assert "RuntimeError: child failure" in res.stdout
+    assert "rank 1 exited with 1" in res.stderr
+    left = subprocess.run(["pgrep", "-f", str(script)], capture_output=True, text=True).stdout
+    assert left.strip() == ""
+
+
+@pytest.mark.parametrize(
+    "env, match",
+    [
+        (
+            {
+                "WORLD_SIZE": "4",
+                "RANK": "0",
+                "MASTER_ADDR": "h",
+                "MASTER_PORT": "1",
+                "NNODES": "2",
+                "LOCAL_WORLD_SIZE": "3",
+            },
+            r"WORLD_SIZE=4 but NNODES=2 x LOCAL_WORLD_SIZE=3 = 6",
+        ),
+        (
+            {"WORLD_SIZE": "2", "RANK": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"},
+            r"rank 2 is out of range.*0 to 1",
+        ),
+        (
+            {"WORLD_SIZE": "2", "RANK": "1", "MASTER_PORT": "1"},
+            r"needs a coordinator address.*MASTER_ADDR is not set",
+        ),
+        ({"WORLD_SIZE": "two", "RANK": "0"}, r"WORLD_SIZE='two' must be an integer"),
+        (
+            {"MESHFIT_NUM_PROCESSES": "2", "MESHFIT_PROCESS_ID": "0"},
+            r"need a coordinator.*MESHFIT_COORDINATOR",
+        ),
+        (
+            {
+                "MESHFIT_NUM_PROCESSES": "2",
+                "MESHFIT_PROCESS_ID": "0",
+                "MESHFIT_COORDINATOR": "nohost",
+            },
+            "HOST:PORT",
+        ),
+    ],
+)
+def test_bad_environment_values(env, match):
+    with pytest.raises(ValueError, match=match):
+        distributed.layout_from_env(env)
+
+
+def test_environment_layouts():
+    assert distributed.layout_from_env({}) is None
+    layout = distributed.layout_from_env(
+        {
+            "WORLD_SIZE": "4",
+            "RANK": "3",
+            "LOCAL_RANK": "1",
+            "MASTER_ADDR": "10.0.0.1",
+            "MASTER_PORT": "123",
+        }
+    )
+    assert (layout.coordinator, layout.num_processes, layout.process_id, layout.local_rank) == (
+        "10.0.0.1:123",
+        4,
+        3,
+        1,
+    )
+
+
+def test_unreachable_coordinator_fails_clearly(tmp_path):
+    code = "from meshfit import distributed; distributed.initialize(timeout=2)"
+    port = __import__("meshfit.launch", fromlist=["free_port"]).free_port()
+    res = run(
+        [sys.executable, "-c", code],
+        timeout=60,
+        MESHFIT_NUM_PROCESSES="2",
+        MESHFIT_PROCESS_ID="1",
+        MESHFIT_COORDINATOR=f"127.0.0.1:{port}",
+    )
+    assert res.returncode == 1
+    assert (
+        f"Could not reach the jax.distributed coordinator at 127.0.0.1:{port} within 2 s"
+        in res.stderr
+    )

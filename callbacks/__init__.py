@@ -1,7 +1,33 @@
 """Callbacks: host hooks around the loop, and in-step transforms that compose into the step."""
 
+from meshfit.callbacks.accumulation import GradientAccumulation
 from meshfit.callbacks.base import Callback, StepTransform, all_finite
+from meshfit.callbacks.checkpoint import ModelCheckpoint
+from meshfit.callbacks.device_stats import DeviceStatsMonitor
+from meshfit.callbacks.early_stopping import EarlyStopping
+from meshfit.callbacks.loss_scaling import DynamicLossScaling
+from meshfit.callbacks.lr_monitor import LearningRateMonitor
+from meshfit.callbacks.nan_guard import NanGuard
+from meshfit.callbacks.profiler import Profiler
 from meshfit.callbacks.progress import ProgressBar
+from meshfit.callbacks.summary import ModelSummary
 from meshfit.callbacks.tensorboard import TensorBoardLogger
+from meshfit.callbacks.throughput import Throughput
 
-__all__ = ["Callback", "ProgressBar", "StepTransform", "TensorBoardLogger", "all_finite"]
+__all__ = [
+    "Callback",
+    "DeviceStatsMonitor",
+    "DynamicLossScaling",
+    "EarlyStopping",
+    "GradientAccumulation",
+    "LearningRateMonitor",
+    "ModelCheckpoint",
+    "ModelSummary",
+    "NanGuard",
+    "Profiler",
+    "ProgressBar",
+    "StepTransform",
+    "TensorBoardLogger",
+    "Throughput",
+    "all_finite",
+]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -118,10 +118,82 @@ class IterableLoader:
 RowsFn = Callable[[int], tuple[int, int, bool]]
 
 
+class MicroBatches(NamedTuple):
+    """One optimizer step's window of `k` micro-batches (gradient accumulation).
+
+    `data` interleaves the micro-batches: row r of micro-batch j sits at position r*k + j, so
+    the step's strided split (reshape to (rows/k, k, ...), swap the first two axes) gives back
+    micro-batch j with each row on the device it was placed on. `count` (int32 scalar) is how
+    many micro-batches are real; a short final window is padded with copies of its first one.
+    """
+
+    data: Any
+    count: Any
+
+
+class MicroBatchWindows:
+    """Groups `k` consecutive batches of `loader` into one step (Lightning's accumulation).
+
+    The epoch's micro-batches are exactly those of `loader` (same order, same rows); the last
+    window holds the remaining 1..k micro-batches, padded, with their real count.
+    """
+
+    def __init__(self, loader: Any, k: int, name: str = "train_data"):
+        self.loader, self.k, self.name = loader, k, name
+
+    def __len__(self) -> int:
+        return -(-len(self.loader) // self.k)
+
+    def epoch(
+        self, epoch: int, start: int = 0, rows_for: RowsFn | None = None
+    ) -> Iterator[HostBatch]:
+        group: list[HostBatch] = []
+        for batch in self.loader.epoch(epoch, start * self.k, rows_for):
+            if group and (batch.global_size, batch.sharded) != (
+                group[0].global_size,
+                group[0].sharded,
+            ):
+                raise ValueError(
+                    f"{self.name}: with gradient accumulation every batch must have the same "
+                    f"number of rows, got {batch.global_size} after {group[0].global_size}. "
+                    "Drop the last partial batch of the iterable (drop_last=True)."
+                )
+            group.append(batch)
+            if len(group) == self.k:
+                yield self._window(group)
+                group = []
+        if group:
+            yield self._window(group)
+
+    def _window(self, group: list[HostBatch]) -> HostBatch:
+        count = len(group)
+        group = group + [group[0]] * (self.k - count)
+
+        def interleave(*xs: np.ndarray) -> np.ndarray:
+            return np.stack(xs, axis=1).reshape(-1, *xs[0].shape[1:])
+
+        data = jax.tree.map(interleave, *[b.local for b in group])
+        window = MicroBatches(data, np.asarray(count, np.int32))
+        return HostBatch(window, group[0].global_size * self.k, group[0].sharded)
+
+
 def make_loader(
-    data: Any, batch_size: int, *, train: bool, seed: int, process_count: int, name: str
+    data: Any,
+    batch_size: int,
+    *,
+    train: bool,
+    seed: int,
+    process_count: int,
+    name: str,
+    micro_batches: int = 1,
 ):
-    """An ArrayLoader for NumPy data, an IterableLoader for anything iterable."""
+    """An ArrayLoader for NumPy data, an IterableLoader for anything iterable; with
+    `micro_batches` > 1, windows of that many batches per step (`MicroBatchWindows`)."""
+    if micro_batches > 1:
+        inner = make_loader(
+            data, batch_size, train=train, seed=seed, process_count=process_count, name=name
+        )
+        return MicroBatchWindows(inner, micro_batches, name)
     if isinstance(data, tuple | list | dict) and not _is_array_data(data):
         leaves = jax.tree.leaves(data)
         if leaves and all(hasattr(x, "shape") for x in leaves):
@@ -130,7 +202,23 @@ def make_loader(
         if isinstance(data, list):
             data = tuple(data)
         return ArrayLoader(data, batch_size, shuffle=train, drop_last=train, seed=seed, name=name)
+    if isinstance(data, PerProcess):
+        return IterableLoader(data.batches, process_count, name)
+    if process_count > 1:
+        raise TypeError(
+            f"{name} is an iterable of batches in a run of {process_count} processes. Each "
+            "process must yield only its own rows of every global batch; wrap it as "
+            "meshfit.PerProcess(batches) to say so (NumPy arrays are split automatically)."
+        )
     return IterableLoader(data, process_count, name)
+
+
+@dataclass(frozen=True)
+class PerProcess:
+    """Marks an iterable whose batches hold only this process's rows of each global batch
+    (the global batch is assembled from every process's part)."""
+
+    batches: Iterable[Any]
 
 
 class Placer:

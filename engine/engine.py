@@ -3,28 +3,47 @@
 from __future__ import annotations
 
 import collections
+import itertools
 import contextlib
 import math
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from meshfit import distributed
+from meshfit import checkpoint, distributed, preemption
 from meshfit.callbacks.base import Callback, StepTransform, overridden_hooks
+from meshfit.callbacks.nan_guard import default_nan_guard
+from meshfit.callbacks.summary import default_model_summary
 from meshfit.data import ArrayLoader, Placer, make_loader
+from meshfit.hardware import print_hardware_report
 from meshfit.metrics import MetricWindow
 from meshfit.module import MetricMeta, overrides
+from meshfit.preemption import PreemptionWatcher
 from meshfit.state import TrainState
 from meshfit.step import PRECISIONS, make_eval_step, make_train_step, split_module
 from meshfit.strategies import Strategy, available_strategies, resolve_strategy
+from meshfit.strategies.auto import resolve_auto
+from meshfit.timing import PhaseTimer
 
 ModuleOrFactory = nnx.Module | Callable[[], nnx.Module]
+
+
+class StatePlan(NamedTuple):
+    """What `Engine._plan_state` knows about a run's train state before creating it."""
+
+    graphdef: nnx.GraphDef
+    params: nnx.State  # real arrays for a module instance, abstract for a factory
+    rest: nnx.State
+    tx: optax.GradientTransformation
+    init: Callable[[nnx.State, nnx.State], TrainState]
+    abstract: TrainState
+    shardings: TrainState
 
 
 class Engine:
@@ -44,6 +63,9 @@ class Engine:
         precision: "fp32", "bf16" or "fp16" compute dtype; master parameters stay float32.
         gradient_clip_val / gradient_clip_algorithm: clip by global "norm" or by "value".
         max_in_flight: steps dispatched ahead of the host (bounds memory and the CPU queue).
+        nan_guard: on a non-finite loss, skip the update and "error" (stop, naming the step) or
+            "warn"; False turns the check off. Inactive with DynamicLossScaling (it skips).
+        enable_model_summary: print the ModelSummary table at fit start (process 0).
     """
 
     def __init__(
@@ -64,6 +86,8 @@ class Engine:
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str = "norm",
         max_in_flight: int = 2,
+        nan_guard: str | bool = "error",
+        enable_model_summary: bool = True,
     ):
         if isinstance(strategy, str) and strategy not in available_strategies():
             raise ValueError(
@@ -106,6 +130,7 @@ class Engine:
         if gradient_clip_val is not None and not gradient_clip_val > 0:
             raise ValueError(f"gradient_clip_val must be > 0, got {gradient_clip_val!r}.")
 
+        distributed.initialize()  # no-op unless the environment describes a multi-process job
         self.devices = self._resolve_devices(devices)
         self.strategy_arg = strategy
         self.max_epochs, self.max_steps, self.batch_size = max_epochs, max_steps, batch_size
@@ -121,6 +146,8 @@ class Engine:
         )
         self.max_in_flight = max_in_flight
         self.callbacks = self._default_callbacks(list(callbacks or []), enable_progress_bar, logger)
+        self.callbacks += default_nan_guard(nan_guard, self.callbacks)
+        self.callbacks += default_model_summary(enable_model_summary, self.callbacks)
 
         self.strategy: Strategy | None = None
         self.module: nnx.Module | None = None
@@ -136,6 +163,8 @@ class Engine:
         self._graphdef: nnx.GraphDef | None = None
         self._eval_step: Callable | None = None
         self._placer: Placer | None = None
+        self._first_batches: tuple | None = None
+        self.timings = PhaseTimer()  # host seconds per loop phase (step/data/callbacks/...)
 
     # ------------------------------------------------------------------ setup helpers
     @staticmethod
@@ -171,6 +200,7 @@ class Engine:
             callbacks.append(logger)
         elif logger and not any(isinstance(cb, TensorBoardLogger) for cb in callbacks):
             callbacks.append(TensorBoardLogger())
+        callbacks.sort(key=lambda cb: bool(getattr(cb, "run_last", False)))  # e.g. checkpoints
         return callbacks
 
     @property
@@ -207,8 +237,20 @@ class Engine:
         return out
 
     def _call(self, hook: str, *args: Any) -> None:
-        for fn in self._hooks[hook]:
-            fn(self, *args)
+        fns = self._hooks[hook]
+        if fns:
+            with self.timings.phase("callbacks"):
+                for fn in fns:
+                    fn(self, *args)
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        """Record host-side metrics (Python floats) from a callback: they join
+        `callback_metrics` and go to every `on_log` consumer (loggers, progress bar).
+        Call it outside your own `on_log` (e.g. from `on_train_batch_end`)."""
+        metrics = {name: float(value) for name, value in metrics.items()}
+        if metrics:
+            self.callback_metrics.update(metrics)
+            self._call("on_log", metrics)
 
     def _index_hooks(self) -> None:
         self._hooks: dict[str, list[Callable]] = collections.defaultdict(list)
@@ -242,10 +284,9 @@ class Engine:
             tx = optax.chain(clip, tx)
         return tx
 
-    def _build_state(
-        self, module_or_factory: ModuleOrFactory
-    ) -> tuple[nnx.Module | None, optax.GradientTransformation]:
-        """Create `self.state` laid out by the strategy. A factory is built directly sharded."""
+    def _plan_state(self, module_or_factory: ModuleOrFactory) -> StatePlan:
+        """The train state without its values: template module, optimizer, `init(params, rest)`,
+        abstract state and its shardings. Allocates nothing (fit and `find_batch_size` use it)."""
         strategy = self._setup_strategy()
         is_factory = not isinstance(module_or_factory, nnx.Module)
         if is_factory and not callable(module_or_factory):
@@ -253,8 +294,11 @@ class Engine:
                 "fit() expects a TrainModule instance or a zero-argument factory returning one, "
                 f"got {type(module_or_factory).__name__}."
             )
-        with jax.set_mesh(strategy.mesh):
+        # Partition annotations are metadata read by the strategy's rules, not eager placements
+        # (so logical names need no mesh axis of their own).
+        with nnx.use_eager_sharding(False):
             template = nnx.eval_shape(module_or_factory) if is_factory else module_or_factory
+        with jax.set_mesh(strategy.mesh), nnx.use_eager_sharding(False):
             if not callable(getattr(template, "training_step", None)) or (
                 not overrides(template, "training_step") and hasattr(type(template), "log")
             ):
@@ -271,7 +315,18 @@ class Engine:
                 return TrainState(jnp.zeros((), jnp.int32), params, rest, tx.init(params), extra)
 
             abstract = jax.eval_shape(init, params, rest)
+            strategy = self.strategy = resolve_auto(self, strategy, abstract)  # "auto": by size
             shardings = strategy.state_shardings(abstract)
+        return StatePlan(graphdef, params, rest, tx, init, abstract, shardings)
+
+    def _build_state(
+        self, module_or_factory: ModuleOrFactory
+    ) -> tuple[nnx.Module | None, optax.GradientTransformation]:
+        """Create `self.state` laid out by the strategy. A factory is built directly sharded."""
+        plan = self._plan_state(module_or_factory)
+        is_factory = not isinstance(module_or_factory, nnx.Module)
+        init, shardings = plan.init, plan.shardings
+        with jax.set_mesh(self.strategy.mesh), nnx.use_eager_sharding(False):
             if is_factory:
 
                 def build():
@@ -282,30 +337,66 @@ class Engine:
                 self.state = self.init_compiled()
             else:
                 params, rest = jax.device_put(
-                    (params, rest), (shardings.params, shardings.rest), may_alias=False
+                    (plan.params, plan.rest), (shardings.params, shardings.rest), may_alias=False
                 )
                 self.state = jax.jit(init, out_shardings=shardings)(params, rest)
-        self._graphdef, self._state_shardings = graphdef, shardings
-        return (None if is_factory else module_or_factory), tx
+        self._graphdef, self._state_shardings = plan.graphdef, shardings
+        return (None if is_factory else module_or_factory), plan.tx
+
+    def _jit_train_step(
+        self,
+        graphdef: nnx.GraphDef,
+        tx: optax.GradientTransformation,
+        state_shardings: Any,
+        batch_example: Any,
+    ) -> Any:
+        """The pure training step jitted with the strategy's layouts and the state donated
+        (not yet compiled: lower it with a state and `batch_example`, abstract or real)."""
+        strategy = self.strategy
+        train_step = make_train_step(
+            graphdef,
+            tx,
+            self.transforms,
+            self.metric_meta,
+            compute_dtype=PRECISIONS[self.precision],
+            context=strategy.step_context,
+        )
+        batch_shardings = jax.tree.map(lambda x: strategy.batch_sharding(x.ndim), batch_example)
+        return jax.jit(
+            train_step,
+            in_shardings=(state_shardings, batch_shardings),
+            out_shardings=(state_shardings, strategy.replicated()),
+            donate_argnums=0,
+        )
 
     # ------------------------------------------------------------------ fit
-    def fit(self, module: ModuleOrFactory, train_data: Any, val_data: Any = None) -> None:
-        """Train `module` (an instance, updated in place; or a factory, built sharded)."""
+    def fit(
+        self,
+        module: ModuleOrFactory,
+        train_data: Any,
+        val_data: Any = None,
+        ckpt_path: str | os.PathLike | None = None,
+    ) -> None:
+        """Train `module` (an instance, updated in place; or a factory, built sharded).
+
+        `ckpt_path` resumes from a checkpoint: "last", "best" or a path (see ModelCheckpoint).
+        """
         self._index_hooks()
         self.should_stop = False
         self._call("setup")
+        resume_from = checkpoint.resolve(self, ckpt_path) if ckpt_path is not None else None
         instance, tx = self._build_state(module)
         strategy = self.strategy
         self.micro_batches  # noqa: B018  (validates transforms early)
-        rows_per_step = self.batch_size * self.micro_batches
         strategy.check_batch_size(self.batch_size)
-        train_loader = make_loader(
+        train_loader = make_loader(  # one step = `micro_batches` batches (accumulation windows)
             train_data,
-            rows_per_step,
+            self.batch_size,
             train=True,
             seed=self.seed,
             process_count=distributed.process_count(),
             name="train_data",
+            micro_batches=self.micro_batches,
         )
         val_loader = None
         if val_data is not None:
@@ -324,21 +415,9 @@ class Engine:
         )
         self._placer = Placer(strategy.batch_sharding, strategy.replicated())
 
-        train_step = make_train_step(
-            self._graphdef,
-            tx,
-            self.transforms,
-            self.metric_meta,
-            compute_dtype=PRECISIONS[self.precision],
-            context=strategy.step_context,
-        )
         batch_example = self._example_batch(train_loader)
-        batch_shardings = jax.tree.map(lambda x: strategy.batch_sharding(x.ndim), batch_example)
-        self._train_step = jax.jit(
-            train_step,
-            in_shardings=(self._state_shardings, batch_shardings),
-            out_shardings=(self._state_shardings, strategy.replicated()),
-            donate_argnums=0,
+        self._train_step = self._jit_train_step(
+            self._graphdef, tx, self._state_shardings, batch_example
         )
         self._build_eval_step()
         self.module = (
@@ -346,10 +425,14 @@ class Engine:
             if instance is not None
             else nnx.merge(self._graphdef, self.state.params, self.state.rest)
         )
+        self._val_loader, self._train_window = val_loader, MetricWindow(self.metric_meta)
+        checkpoint.restore(self, resume_from)  # resharded onto this run's layout; no-op if None
         # Tracing, compiling and the loop all run under the mesh (it is part of the trace key).
         with jax.set_mesh(strategy.mesh):
             self.compiled_step = self._train_step.lower(self.state, batch_example).compile()
+            print_hardware_report(self)
             self._call("on_fit_start")
+            self._preemption = PreemptionWatcher().install()
             try:
                 self._fit_loop(train_loader, val_loader)
                 self._call("on_fit_end")
@@ -357,12 +440,18 @@ class Engine:
                 self._call("on_exception", exc)
                 raise
             finally:
+                self._preemption.uninstall()
                 self._write_back()
                 self._call("teardown")
 
     def _example_batch(self, loader: Any) -> Any:
         """Abstract first batch (shapes, dtypes, shardings) to compile the step before the loop."""
-        first = next(iter(loader.epoch(0, rows_for=self._placer.rows_for)))
+        batches = loader.epoch(self.current_epoch, self.batch_idx, self._placer.rows_for)
+        first = next(batches, None)
+        if first is None:
+            raise ValueError("train_data produced no batches; check that it is not an exhausted iterator.")
+        # The loop starts with this same generator, so a one-shot iterator loses nothing.
+        self._first_batches = (self.current_epoch, self.batch_idx, itertools.chain([first], batches))
         if not first.sharded or first.global_size % self.strategy.data_parallel_size:
             self.strategy.check_batch_size(first.global_size, "Training batch size")
 
@@ -375,22 +464,29 @@ class Engine:
         return jax.tree.map(abstract, first.local)
 
     def _fit_loop(self, train_loader: Any, val_loader: Any) -> None:
-        window = MetricWindow(self.metric_meta)
+        window = self._train_window
         in_flight: collections.deque = collections.deque()
         batch_hooks = bool(self._hooks["on_train_batch_start"] or self._hooks["on_train_batch_end"])
         step = self._train_step
+        self.timings.start()  # phases: waiting for data until the step is dispatched
         while not self._finished():
             self._call("on_train_epoch_start")
-            batches = train_loader.epoch(self.current_epoch, self.batch_idx, self._placer.rows_for)
-            exhausted = True
+            position, self._first_batches = self._first_batches, None
+            if position and position[:2] == (self.current_epoch, self.batch_idx):
+                batches = position[2]
+            else:
+                batches = train_loader.epoch(self.current_epoch, self.batch_idx, self._placer.rows_for)
+            exhausted, epoch_start = True, self.batch_idx
             for batch, _rows in self._placer.prefetch(batches):
                 if batch_hooks:
                     self._call("on_train_batch_start", batch, self.batch_idx)
+                self.timings.begin_step()
                 self.state, outputs = step(self.state, batch)
                 window.add(outputs)
                 in_flight.append(outputs)
                 if len(in_flight) > self.max_in_flight:
                     jax.block_until_ready(in_flight.popleft())
+                self.timings.switch("data")
                 self.global_step += 1
                 self.batch_idx += 1
                 if self.global_step % self.log_every_n_steps == 0:
@@ -403,15 +499,21 @@ class Engine:
                     and self.global_step % self.val_every_n_steps == 0
                 ):
                     self._validation_pass(val_loader)
+                if self._preemption.requested(self.global_step):
+                    preemption.checkpoint_and_exit(self)  # saves, then raises Preempted (exit 75)
                 if self.should_stop or self._reached_max_steps():
                     exhausted = (
                         self.num_training_batches is not None
                         and self.batch_idx >= self.num_training_batches
                     )
                     break
-            if self.global_step == 0 and self.batch_idx == 0:
+            n = self.num_training_batches
+            at_end = n is not None and epoch_start >= n  # resumed just after the epoch's last batch
+            if self.batch_idx == epoch_start and not at_end:
                 raise ValueError(
-                    "train_data produced no batches; check that it is not an exhausted iterator."
+                    f"train_data produced no batches in epoch {self.current_epoch}. A one-shot "
+                    "iterator is exhausted after one epoch: pass a re-iterable (a list, or an "
+                    "object whose __iter__ starts over) or stop with max_steps."
                 )
             self._log(window)
             if exhausted:
@@ -422,7 +524,9 @@ class Engine:
                 self.batch_idx = 0
             elif val_loader is not None and self.val_every_n_steps is None:
                 self._validation_pass(val_loader)  # stopped mid-epoch: still report validation
-        jax.block_until_ready(self.state)
+        with self.timings.phase("step"):
+            jax.block_until_ready(self.state)
+        self.timings.stop()
 
     def _finished(self) -> bool:
         if self.should_stop or self._reached_max_steps():
@@ -434,7 +538,8 @@ class Engine:
 
     def _log(self, window: MetricWindow) -> None:
         if len(window):
-            metrics = window.compute()
+            with self.timings.phase("step"):  # reading the metrics waits for the device
+                metrics = window.compute()
             self.callback_metrics.update(metrics)
             self._call("on_log", metrics)
 
@@ -455,6 +560,7 @@ class Engine:
         self._eval_step = jax.jit(eval_step)
 
     def _validation_pass(self, loader: Any) -> dict[str, float]:
+        resume = self.timings.switch("validation")
         self._call("on_validation_start")
         window = MetricWindow(self._val_meta)
         in_flight: collections.deque = collections.deque()
@@ -469,6 +575,7 @@ class Engine:
         if metrics:
             self._call("on_log", metrics)
         self._call("on_validation_end")
+        self.timings.switch(resume)
         return metrics
 
     def validate(self, module: ModuleOrFactory, data: Any) -> dict[str, float]:

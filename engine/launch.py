@@ -6,6 +6,8 @@ Each child gets the launcher environment (coordinator, world size, rank) and run
 through `meshfit.bootstrap`, which sets up `jax.distributed` before the script's first line.
 Output lines are prefixed with the rank; SIGINT/SIGTERM are forwarded; if any child fails, the
 others are stopped (SIGTERM, then SIGKILL after a grace period) and the launcher exits non-zero.
+A child that exits 75 (preempted, after its checkpoint) is not a failure: the others get time to
+finish the same checkpoint, and the launcher exits 75 so a scheduler can requeue the job.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import threading
 import time
 
 from meshfit import distributed
+from meshfit.preemption import PREEMPTED_EXIT_CODE
 
 
 def free_port() -> int:
@@ -39,6 +42,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--cpu-devices-per-process", type=int, default=None, help="virtual CPU devices per process"
+    )
+    p.add_argument(
+        "--preempt-wait-seconds", type=float, default=120.0,
+        help=f"after a rank exits {PREEMPTED_EXIT_CODE} (preempted), wait this long for the others",
     )
     p.add_argument(
         "--grace-seconds", type=float, default=10.0, help="wait before SIGKILL when stopping"
@@ -122,9 +129,20 @@ def main(argv: list[str] | None = None) -> int:
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        preempted_at = None
         while True:
             codes = [p.poll() for p in procs]
-            failed = next((c for c in codes if c not in (None, 0)), None)
+            failed = next((c for c in codes if c not in (None, 0, PREEMPTED_EXIT_CODE)), None)
+            if PREEMPTED_EXIT_CODE in codes and failed is None:
+                # A preempted rank has saved its part of the shared checkpoint; the others stop
+                # at the same step. Give them time to finish, then report the preemption.
+                preempted_at = preempted_at or time.monotonic()
+                if all(c is not None for c in codes):
+                    return PREEMPTED_EXIT_CODE
+                if time.monotonic() - preempted_at < args.preempt_wait_seconds:
+                    time.sleep(0.05)
+                    continue
+                failed = PREEMPTED_EXIT_CODE
             if failed is not None:
                 rank = args.node_rank * args.nproc + codes.index(failed)
                 sys.stderr.write(

@@ -70,10 +70,6 @@ def extract_loss(out: Any) -> jax.Array:
     return loss.astype(jnp.float32)
 
 
-def _select(ok: jax.Array, new: Any, old: Any) -> Any:
-    return jax.tree.map(lambda a, b: jax.lax.select(ok, a, b), new, old)
-
-
 def make_train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
@@ -116,12 +112,17 @@ def make_train_step(
                 ok = t_ok if ok is None else ok & t_ok
             logs.update(t.metrics(extra[t.state_key]))
 
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new = TrainState(state.step + 1, params, rest, opt_state, extra)
-        if ok is not None:  # a transform may veto the update: keep everything but its own state
-            new = _select(ok, new, state.replace(extra=extra))
-        return new, logs
+        def update(state: TrainState) -> TrainState:
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            return TrainState(state.step + 1, params, rest, opt_state, extra)
+
+        if ok is None:
+            return update(state), logs
+        # A transform may veto the update: keep everything but the transforms' own states.
+        # lax.cond, not a select over the state: buffers still update in place (a select cost
+        # ~30% of a small MLP's step on CPU) and a skipped step runs no optimizer math.
+        return jax.lax.cond(ok, update, lambda s: s.replace(extra=extra), state), logs
 
     return train_step
 

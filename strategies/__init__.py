@@ -2,6 +2,9 @@
 
 from meshfit.strategies.base import Strategy, make_mesh
 from meshfit.strategies.data_parallel import DataParallel
+from meshfit.strategies.fsdp import FSDP
+from meshfit.strategies.hybrid import Hybrid
+from meshfit.strategies.pipeline import Pipeline
 from meshfit.strategies.registry import (
     available_strategies,
     register_strategy,
@@ -12,9 +15,15 @@ from meshfit.strategies.single import SingleDevice
 register_strategy("single", SingleDevice)
 register_strategy("dp", DataParallel)
 register_strategy("ddp", DataParallel)
+register_strategy("pipeline", Pipeline)
+register_strategy("fsdp", FSDP)
+register_strategy("hybrid", Hybrid)
 
 __all__ = [
+    "FSDP",
     "DataParallel",
+    "Hybrid",
+    "Pipeline",
     "SingleDevice",
     "Strategy",
     "available_strategies",

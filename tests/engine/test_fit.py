@@ -152,3 +152,28 @@ def test_dropout_and_batchnorm_state_is_carried_forward():
     mean = np.asarray(module.bn.mean[...])
     assert np.all(np.abs(mean) > 0.05)  # running statistics moved towards the data mean (1.0)
     assert int(module.drop.rngs.count[...]) == 10
+
+
+def test_iterable_of_batches_matches_the_same_batches_from_arrays():
+    from meshfit.data import ArrayLoader
+
+    x, y = classification_data(n=256)
+    loader = ArrayLoader((x, y), 64, shuffle=True, drop_last=True, seed=0, name="x")
+    batches = [b.local for b in loader.epoch(0)] + [b.local for b in loader.epoch(1)]
+    a, b = MLP(nnx.Rngs(0)), MLP(nnx.Rngs(0))
+    Engine(strategy="dp", max_steps=8, batch_size=64, **quiet()).fit(a, (x, y))
+    engine = Engine(strategy="dp", max_steps=8, batch_size=64, **quiet())
+    engine.fit(b, batches[:4])  # a list is re-iterable: epoch 2 sees the same 4 batches
+    assert engine.current_epoch == 2
+    # epoch 0 identical; epoch 1 of the arrays is a new permutation, so compare after 4 steps
+    a4, b4 = MLP(nnx.Rngs(0)), MLP(nnx.Rngs(0))
+    Engine(strategy="dp", max_steps=4, batch_size=64, **quiet()).fit(a4, (x, y))
+    Engine(strategy="dp", max_steps=4, batch_size=64, **quiet()).fit(b4, iter(batches[:4]))
+    assert max_abs_diff(params_of(a4), params_of(b4)) <= 1e-6
+
+
+def test_iterables_in_multi_process_runs_must_be_marked_per_process():
+    from meshfit.data import make_loader
+
+    with pytest.raises(TypeError, match=r"2 processes.*meshfit.PerProcess\(batches\)"):
+        make_loader(iter([]), 8, train=True, seed=0, process_count=2, name="train_data")

@@ -1,0 +1,257 @@
+"""`ModelCheckpoint`: asynchronous, atomic orbax checkpoints of everything a run needs to resume."""
+
+from __future__ import annotations
+
+import math
+import os
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import jax
+
+from meshfit.callbacks.base import Callback
+from meshfit.checkpoint import CheckpointWriter, default_dir
+
+if TYPE_CHECKING:
+    from meshfit.engine import Engine
+
+MODES = ("min", "max")
+_VAL_NAMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def train_metric_names(engine: Engine) -> set[str]:
+    """Metrics the compiled train step returns (logged every `log_every_n_steps`)."""
+    names = set(engine.metric_meta)
+    if engine.compiled_step is not None:
+        _, logs = engine.compiled_step.out_info
+        names |= set(logs)
+    return names
+
+
+def validation_metric_names(engine: Engine) -> set[str]:
+    """Metrics a validation pass logs, found by tracing the eval step on the first val batch
+    (shapes only, nothing runs). Empty without validation data."""
+    loader = getattr(engine, "_val_loader", None)
+    if loader is None or engine._eval_step is None:
+        return set()
+    cached = _VAL_NAMES.get(engine)
+    if cached is not None and cached[0] is engine._eval_step:
+        return cached[1]
+    first = next(iter(loader.epoch(0, 0, engine._placer.rows_for)), None)
+    names: set[str] = set()
+    if first is not None:
+        batch = engine._placer.place(first)
+        out = jax.eval_shape(engine._eval_step, engine.state.params, engine.state.rest, batch)
+        names = set(out)
+    _VAL_NAMES[engine] = (engine._eval_step, names)
+    return names
+
+
+def metric_source(engine: Engine, monitor: str, who: str) -> str:
+    """ "train" or "val": where `monitor` is logged; a clear error when it never is."""
+    train = train_metric_names(engine)
+    if monitor in train:
+        return "train"
+    val = validation_metric_names(engine)
+    if monitor in val:
+        return "val"
+    hint = (
+        "no val_data was passed to fit, so validation metrics are never logged"
+        if getattr(engine, "_val_loader", None) is None
+        else f"validation logs {sorted(val)}"
+    )
+    raise ValueError(
+        f"{who}(monitor={monitor!r}): this metric is never logged. The training step logs "
+        f"{sorted(train)}; {hint}. Monitor one of those, or log {monitor!r} with self.log "
+        "in training_step / validation_step."
+    )
+
+
+class ModelCheckpoint(Callback):
+    """Saves checkpoints asynchronously (training continues while orbax writes) and atomically.
+
+    Args:
+        dirpath: where step directories go; default `<default_root_dir>/checkpoints`.
+        every_n_steps / every_n_epochs: save cadence. With neither: after every validation when
+            monitoring a validation metric, else at the end of every epoch.
+        monitor: a logged metric; keeps the best `save_top_k` checkpoints by it (`mode` min/max).
+            Read right after it is logged (after validation for validation metrics): never stale.
+        save_top_k: how many checkpoints to keep (-1: all). Without `monitor`: the newest ones.
+        save_last: always also keep the newest checkpoint, and save one at the end of fit.
+
+    A checkpoint holds parameters, optimizer state, step, module RNG state, every in-step
+    transform state, each callback's `state_dict` and the data position. Resume with
+    `engine.fit(module, data, ckpt_path="last" | "best" | path)`.
+    """
+
+    run_last = True  # saves after the other callbacks updated their state for this step
+
+    def __init__(
+        self,
+        dirpath: str | os.PathLike | None = None,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        monitor: str | None = None,
+        mode: str = "min",
+        save_top_k: int = 1,
+        save_last: bool = True,
+    ):
+        for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"ModelCheckpoint({name}={value!r}): use a positive int or None.")
+        if every_n_steps is not None and every_n_epochs is not None:
+            raise ValueError(
+                "ModelCheckpoint: set either every_n_steps or every_n_epochs, not both."
+            )
+        if mode not in MODES:
+            raise ValueError(f"ModelCheckpoint(mode={mode!r}): use 'min' or 'max'.")
+        if not isinstance(save_top_k, int) or save_top_k < -1:
+            raise ValueError(
+                f"ModelCheckpoint(save_top_k={save_top_k!r}): use -1 (keep all), 0 or a "
+                "positive int."
+            )
+        if monitor is None and save_top_k == 0 and not save_last:
+            raise ValueError("ModelCheckpoint(save_top_k=0, save_last=False) would keep nothing.")
+        self.dirpath = None if dirpath is None else os.fspath(dirpath)
+        self.every_n_steps, self.every_n_epochs = every_n_steps, every_n_epochs
+        self.monitor, self.mode, self.save_top_k, self.save_last = (
+            monitor,
+            mode,
+            save_top_k,
+            save_last,
+        )
+        self.writer: CheckpointWriter | None = None
+        self.best_model_score: float | None = None
+        self.best_model_step: int | None = None
+        self._source: str | None = None
+        self._pending = False
+        self.save_blocking_s: list[float] = []
+
+    # ------------------------------------------------------------------ setup
+    def resolved_dirpath(self, engine: Engine) -> str:
+        return os.path.abspath(self.dirpath or default_dir(engine))
+
+    @property
+    def best_model_path(self) -> str | None:
+        if self.writer is None or self.best_model_step is None:
+            return None
+        return os.path.join(self.writer.directory, str(self.best_model_step))
+
+    def setup(self, engine: Engine) -> None:
+        self.writer = CheckpointWriter(
+            self.resolved_dirpath(engine),
+            monitor=self.monitor,
+            mode=self.mode,
+            top_k=self.save_top_k,
+            keep_last=self.save_last or self.monitor is None,
+        )
+        self._pending = False
+
+    def on_fit_start(self, engine: Engine) -> None:
+        self._source = None
+        if self.monitor is None:
+            return
+        self._source = metric_source(engine, self.monitor, "ModelCheckpoint")
+        stale_train = self.every_n_steps and self.every_n_steps % engine.log_every_n_steps
+        if self._source == "train" and stale_train:
+            raise ValueError(
+                f"ModelCheckpoint(monitor={self.monitor!r}, every_n_steps="
+                f"{self.every_n_steps}): training metrics are logged every "
+                f"log_every_n_steps={engine.log_every_n_steps} steps, so the monitored "
+                "value would be stale at most saves. Use every_n_steps as a multiple of "
+                "log_every_n_steps (or lower log_every_n_steps)."
+            )
+        if self._source == "val":
+            val_every = engine.val_every_n_steps
+            if self.every_n_steps and (val_every is None or self.every_n_steps % val_every):
+                raise ValueError(
+                    f"ModelCheckpoint(monitor={self.monitor!r}, every_n_steps="
+                    f"{self.every_n_steps}): validation runs "
+                    + (f"every {val_every} steps" if val_every else "only at epoch ends")
+                    + ", so the monitored value would be stale at the saves. Use every_n_steps "
+                    "as a multiple of Engine(val_every_n_steps=...), or drop every_n_steps "
+                    "to save after every validation."
+                )
+            if self.every_n_epochs and val_every is not None:
+                raise ValueError(
+                    f"ModelCheckpoint(monitor={self.monitor!r}, every_n_epochs="
+                    f"{self.every_n_epochs}): with Engine(val_every_n_steps={val_every}) "
+                    "validation does not run at epoch ends. Use every_n_steps (a multiple of "
+                    "val_every_n_steps) or drop the cadence to save after every validation."
+                )
+
+    # ------------------------------------------------------------------ cadence
+    def _epoch_end(self, engine: Engine) -> bool:
+        n = engine.num_training_batches
+        return n is not None and engine.batch_idx >= n
+
+    def _validation_follows(self, engine: Engine) -> bool:
+        if getattr(engine, "_val_loader", None) is None:
+            return False
+        every = engine.val_every_n_steps
+        return bool(every and engine.global_step % every == 0)
+
+    def on_train_batch_end(self, engine: Engine, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.every_n_steps and engine.global_step % self.every_n_steps == 0:
+            self._pending = True
+        # Save once the step's validation / epoch end (which may change callback state) is done.
+        if self._pending and not (
+            self._source == "val" or self._validation_follows(engine) or self._epoch_end(engine)
+        ):
+            self._save(engine)
+
+    def on_validation_end(self, engine: Engine) -> None:
+        if self._source == "val" and not (self.every_n_steps or self.every_n_epochs):
+            self._pending = True
+        if self._pending and not self._epoch_end(engine):
+            self._save(engine)
+
+    def on_train_epoch_end(self, engine: Engine) -> None:
+        every = self.every_n_epochs
+        if every is None and not self.every_n_steps and self._source != "val":
+            every = 1
+        if every and (engine.current_epoch + 1) % every == 0:
+            self._pending = True
+        if self._pending:
+            self._save(engine, position=(engine.current_epoch + 1, 0))
+
+    def on_fit_end(self, engine: Engine) -> None:
+        if self._pending or (self.save_last and self.writer.latest_step() != engine.global_step):
+            self._save(engine)
+        self.writer.wait()
+
+    def teardown(self, engine: Engine) -> None:
+        if self.writer is not None:
+            self.writer.close()  # waits for a write still in progress
+
+    def save_for_preemption(self, engine: Engine) -> str:
+        """Save at the current step boundary (unless already saved) and wait until complete."""
+        self.writer.save(engine)
+        self.writer.wait()
+        return self.writer.directory
+
+    # ------------------------------------------------------------------ saving
+    def _score(self, engine: Engine) -> float | None:
+        if self.monitor is None:
+            return None
+        value = engine.callback_metrics.get(self.monitor)
+        return None if value is None or not math.isfinite(value) else float(value)
+
+    def _save(self, engine: Engine, position: tuple[int, int] | None = None) -> None:
+        self._pending = False
+        score = self._score(engine)
+        if score is not None and self._better(score):
+            self.best_model_score, self.best_model_step = score, engine.global_step
+        if self.writer.save(engine, position=position, score=score):
+            self.save_blocking_s.append(self.writer.last_blocking_s)
+
+    def _better(self, score: float) -> bool:
+        best = self.best_model_score
+        return best is None or (score < best if self.mode == "min" else score > best)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_model_score": self.best_model_score, "best_model_step": self.best_model_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best_model_score = state.get("best_model_score")
+        self.best_model_step = state.get("best_model_step")

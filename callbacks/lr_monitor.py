@@ -1,0 +1,79 @@
+"""`LearningRateMonitor`: the learning rate of the latest optimizer update, at the log cadence."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import jax
+from optax.schedules import InjectHyperparamsState, InjectStatefulHyperparamsState
+
+from meshfit.callbacks.base import Callback
+
+if TYPE_CHECKING:
+    from meshfit.engine import Engine
+
+
+def _is_injected(node: Any) -> bool:
+    return isinstance(node, InjectStatefulHyperparamsState | InjectHyperparamsState)
+
+
+def injected_learning_rates(opt_state: Any) -> list[jax.Array]:
+    """Every `learning_rate` held by an `optax.inject_hyperparams` state inside `opt_state`
+    (chains, `multi_transform`, wrappers), in tree order."""
+    return [
+        node.hyperparams["learning_rate"]
+        for node in jax.tree.leaves(opt_state, is_leaf=_is_injected)
+        if _is_injected(node) and "learning_rate" in node.hyperparams
+    ]
+
+
+class LearningRateMonitor(Callback):
+    """Logs the learning rate applied by the most recent optimizer update every
+    `log_every_n_steps`, under `name` (or `name/0`, `name/1`, ... for several optimizers).
+
+    The rate is read from the optimizer state when the optimizer is built with
+    `optax.inject_hyperparams` (e.g. `optax.inject_hyperparams(optax.adam)(learning_rate=
+    optax.cosine_decay_schedule(1e-3, 1000))`); otherwise pass the schedule function,
+    `LearningRateMonitor(schedule=fn)`, and it is evaluated at the count of that update.
+    After `k` updates both give `schedule(k - 1)`: the rate the k-th update used.
+    """
+
+    def __init__(self, schedule: Callable[[int], Any] | None = None, name: str = "lr"):
+        if schedule is not None and not callable(schedule):
+            raise TypeError(
+                f"LearningRateMonitor(schedule=...) expects a function of the step (an optax "
+                f"schedule), got {type(schedule).__name__}. For a constant rate, log nothing."
+            )
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"LearningRateMonitor(name={name!r}): expected a non-empty string.")
+        self.schedule, self.name = schedule, name
+        self.history: list[tuple[int, dict[str, float]]] = []
+
+    def on_fit_start(self, engine: Engine) -> None:
+        self.history = []
+        if self.schedule is None and not injected_learning_rates(engine.state.opt_state):
+            raise ValueError(
+                "LearningRateMonitor found no learning rate in the optimizer state. Build the "
+                "optimizer with optax.inject_hyperparams, e.g. `optax.inject_hyperparams("
+                "optax.adam)(learning_rate=schedule)` in configure_optimizers, or pass the "
+                "schedule: LearningRateMonitor(schedule=schedule)."
+            )
+
+    def read(self, engine: Engine) -> dict[str, float]:
+        """The current learning rate(s) (one small device read)."""
+        if self.schedule is not None:
+            updates = int(jax.device_get(engine.state.step))
+            rates = [self.schedule(max(updates - 1, 0))]
+        else:
+            rates = injected_learning_rates(engine.state.opt_state)
+        rates = [float(r) for r in jax.device_get(rates)]
+        if len(rates) == 1:
+            return {self.name: rates[0]}
+        return {f"{self.name}/{i}": r for i, r in enumerate(rates)}
+
+    def on_train_batch_end(self, engine: Engine, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if engine.global_step % engine.log_every_n_steps == 0:
+            metrics = self.read(engine)
+            self.history.append((engine.global_step, metrics))
+            engine.log_metrics(metrics)

@@ -114,8 +114,11 @@ class StepTransform(Callback):
         """How gradients are computed: `grad_fn(params, rest, batch) -> (grads, aux)`."""
         return grad_fn
 
-    def process_grads(self, grads: Any, state: Any) -> tuple[Any, Any, jax.Array | None]:
-        """Post-process gradients; return (grads, new_state, ok). ok=False skips the update."""
+    def process_grads(
+        self, grads: Any, state: Any, loss: jax.Array | None = None
+    ) -> tuple[Any, Any, jax.Array | None]:
+        """Post-process gradients (given the step's float32 loss); return (grads, new_state, ok).
+        ok=False skips the update."""
         return grads, state, None
 
     def metrics(self, state: Any) -> dict[str, jax.Array]:

@@ -77,7 +77,7 @@ class DynamicLossScaling(StepTransform):
         return loss * state["loss_scale"]
 
     def process_grads(
-        self, grads: Any, state: dict[str, jax.Array]
+        self, grads: Any, state: dict[str, jax.Array], loss: jax.Array | None = None
     ) -> tuple[Any, dict[str, jax.Array], jax.Array]:
         scale = state["loss_scale"]
         grads = jax.tree.map(lambda g: (g / scale).astype(g.dtype), grads)

@@ -68,6 +68,7 @@ class Profiler(Callback):
         return self.start_step + self.num_steps
 
     def setup(self, engine: Engine) -> None:
+        engine.timings.enabled = True  # the host-side timing summary printed at fit end
         if engine.max_steps is not None and self.start_step >= engine.max_steps:
             raise ValueError(
                 f"Profiler(start_step={self.start_step}) would never start: the run stops after "

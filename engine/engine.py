@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import collections
 import itertools
-import contextlib
 import math
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -20,7 +18,7 @@ from meshfit import checkpoint, distributed, preemption
 from meshfit.callbacks.base import Callback, StepTransform, overridden_hooks
 from meshfit.callbacks.nan_guard import default_nan_guard
 from meshfit.callbacks.summary import default_model_summary
-from meshfit.data import ArrayLoader, Placer, make_loader
+from meshfit.data import Placer, make_loader
 from meshfit.hardware import print_hardware_report
 from meshfit.metrics import MetricWindow
 from meshfit.module import MetricMeta, overrides
@@ -238,10 +236,15 @@ class Engine:
 
     def _call(self, hook: str, *args: Any) -> None:
         fns = self._hooks[hook]
-        if fns:
-            with self.timings.phase("callbacks"):
-                for fn in fns:
-                    fn(self, *args)
+        if not fns:
+            return
+        if not self.timings.enabled:  # the common case: no timing context on the hot path
+            for fn in fns:
+                fn(self, *args)
+            return
+        with self.timings.phase("callbacks"):
+            for fn in fns:
+                fn(self, *args)
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
         """Record host-side metrics (Python floats) from a callback: they join
@@ -387,32 +390,11 @@ class Engine:
         resume_from = checkpoint.resolve(self, ckpt_path) if ckpt_path is not None else None
         instance, tx = self._build_state(module)
         strategy = self.strategy
-        self.micro_batches  # noqa: B018  (validates transforms early)
         strategy.check_batch_size(self.batch_size)
-        train_loader = make_loader(  # one step = `micro_batches` batches (accumulation windows)
-            train_data,
-            self.batch_size,
-            train=True,
-            seed=self.seed,
-            process_count=distributed.process_count(),
-            name="train_data",
-            micro_batches=self.micro_batches,
-        )
-        val_loader = None
-        if val_data is not None:
-            val_loader = make_loader(
-                val_data,
-                self.batch_size,
-                train=False,
-                seed=self.seed,
-                process_count=distributed.process_count(),
-                name="val_data",
-            )
-        self.num_training_batches = (
-            len(train_loader)
-            if hasattr(train_loader, "__len__") and _has_len(train_loader)
-            else None
-        )
+        # one step = `micro_batches` batches (gradient accumulation windows)
+        train_loader = self._loader(train_data, "train_data", micro_batches=self.micro_batches)
+        val_loader = None if val_data is None else self._loader(val_data, "val_data")
+        self.num_training_batches = _length(train_loader)
         self._placer = Placer(strategy.batch_sharding, strategy.replicated())
 
         batch_example = self._example_batch(train_loader)
@@ -444,14 +426,32 @@ class Engine:
                 self._write_back()
                 self._call("teardown")
 
+    def _loader(self, data: Any, name: str, micro_batches: int | None = None) -> Any:
+        """Training loaders (micro_batches given) shuffle and drop the last partial batch."""
+        return make_loader(
+            data,
+            self.batch_size,
+            train=micro_batches is not None,
+            seed=self.seed,
+            process_count=distributed.process_count(),
+            name=name,
+            micro_batches=micro_batches or 1,
+        )
+
     def _example_batch(self, loader: Any) -> Any:
         """Abstract first batch (shapes, dtypes, shardings) to compile the step before the loop."""
         batches = loader.epoch(self.current_epoch, self.batch_idx, self._placer.rows_for)
         first = next(batches, None)
         if first is None:
-            raise ValueError("train_data produced no batches; check that it is not an exhausted iterator.")
+            raise ValueError(
+                "train_data produced no batches; check that it is not an exhausted iterator."
+            )
         # The loop starts with this same generator, so a one-shot iterator loses nothing.
-        self._first_batches = (self.current_epoch, self.batch_idx, itertools.chain([first], batches))
+        self._first_batches = (
+            self.current_epoch,
+            self.batch_idx,
+            itertools.chain([first], batches),
+        )
         if not first.sharded or first.global_size % self.strategy.data_parallel_size:
             self.strategy.check_batch_size(first.global_size, "Training batch size")
 
@@ -475,7 +475,9 @@ class Engine:
             if position and position[:2] == (self.current_epoch, self.batch_idx):
                 batches = position[2]
             else:
-                batches = train_loader.epoch(self.current_epoch, self.batch_idx, self._placer.rows_for)
+                batches = train_loader.epoch(
+                    self.current_epoch, self.batch_idx, self._placer.rows_for
+                )
             exhausted, epoch_start = True, self.batch_idx
             for batch, _rows in self._placer.prefetch(batches):
                 if batch_hooks:
@@ -592,30 +594,18 @@ class Engine:
             self._graphdef, self.module = graphdef, module
             self._placer = Placer(strategy.batch_sharding, strategy.replicated())
             self._build_eval_step()
-        loader = make_loader(
-            data,
-            self.batch_size,
-            train=False,
-            seed=self.seed,
-            process_count=distributed.process_count(),
-            name="data",
-        )
+        loader = self._loader(data, "data")
         with jax.set_mesh(self.strategy.mesh):
             return self._validation_pass(loader)
 
 
-def _has_len(loader: Any) -> bool:
-    if isinstance(loader, ArrayLoader):
-        return True
+def _length(loader: Any) -> int | None:
+    """Batches per epoch, or None for an iterable without a length."""
     try:
-        len(loader)
+        return len(loader)
     except TypeError:
-        return False
-    return True
+        return None
 
 
 def _deleted(tree: Any) -> bool:
     return any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(tree))
-
-
-_ = (contextlib, warnings)

@@ -44,7 +44,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--cpu-devices-per-process", type=int, default=None, help="virtual CPU devices per process"
     )
     p.add_argument(
-        "--preempt-wait-seconds", type=float, default=120.0,
+        "--preempt-wait-seconds",
+        type=float,
+        default=120.0,
         help=f"after a rank exits {PREEMPTED_EXIT_CODE} (preempted), wait this long for the others",
     )
     p.add_argument(

@@ -107,7 +107,9 @@ def make_train_step(
 
         extra, ok = dict(state.extra), None
         for t in transforms:
-            grads, extra[t.state_key], t_ok = t.process_grads(grads, state.extra[t.state_key])
+            grads, extra[t.state_key], t_ok = t.process_grads(
+                grads, state.extra[t.state_key], logs["loss"]
+            )
             if t_ok is not None:
                 ok = t_ok if ok is None else ok & t_ok
             logs.update(t.metrics(extra[t.state_key]))

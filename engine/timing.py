@@ -19,7 +19,10 @@ class PhaseTimer:
     """Accumulates wall time per phase. `switch(name)` moves the loop to a new phase;
     `phase(name)` is a nestable context that returns to the previous phase on exit."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = False) -> None:
+        #: Off by default: the perf_counter calls cost a few percent of a small model's step.
+        #: The Profiler callback turns it on; so can `engine.timings.enabled = True`.
+        self.enabled = enabled
         self.totals: dict[str, float] = dict.fromkeys(PHASES, 0.0)
         self.steps = 0
         self._current: str | None = None
@@ -29,7 +32,8 @@ class PhaseTimer:
         """Begin timing (clears previous totals); the loop starts out waiting for data."""
         self.totals = dict.fromkeys(PHASES, 0.0)
         self.steps = 0
-        self._current, self._last = phase, time.perf_counter()
+        if self.enabled:
+            self._current, self._last = phase, time.perf_counter()
 
     def stop(self) -> None:
         """Close the current phase; later `switch`/`phase` calls are no-ops until `start`."""
@@ -37,8 +41,9 @@ class PhaseTimer:
 
     def begin_step(self) -> None:
         """Enter the "step" phase for one more training step."""
-        self.steps += 1
-        self.switch("step")
+        if self._current is not None:
+            self.steps += 1
+            self.switch("step")
 
     @property
     def running(self) -> bool:

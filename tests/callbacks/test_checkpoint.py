@@ -36,7 +36,7 @@ class Counter(StepTransform):
     def init(self, params):
         return {"count": jnp.zeros((), jnp.int32)}
 
-    def process_grads(self, grads, state):
+    def process_grads(self, grads, state, loss=None):
         count = state["count"] + 1
         scale = 1.0 + 1.0 / count.astype(jnp.float32)
         return jax.tree.map(lambda g: g * scale, grads), {"count": count}, None

@@ -134,7 +134,9 @@ def test_resume_from_a_model_checkpoint_restores_the_scaler(tmp_path):
         cbs = [DynamicLossScaling(init_scale=8.0, growth_interval=3)]
         if save:
             cbs.append(mc.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_steps=4))
-        engine = Engine(strategy="dp", max_steps=max_steps, batch_size=64, callbacks=cbs, **quiet())
+        engine = Engine(
+            strategy="single", max_steps=max_steps, batch_size=64, callbacks=cbs, **quiet()
+        )
         engine.fit(MLP(nnx.Rngs(0)), classification_data(n=512), ckpt_path=ckpt_path)
         return jax.device_get(engine.state)
 

@@ -57,7 +57,7 @@ def test_without_the_guard_a_nan_batch_destroys_the_parameters():
     assert np.isnan(np.asarray(module.l1.kernel[...])).any()
 
 
-def test_a_non_finite_gradient_with_a_finite_loss_is_named():
+def test_check_grads_catches_a_non_finite_gradient_with_a_finite_loss():
     class SqrtAtZero(MLP):
         def training_step(self, batch):
             x, _ = batch
@@ -66,7 +66,8 @@ def test_a_non_finite_gradient_with_a_finite_loss_is_named():
             nan_grad = lambda b: jnp.sqrt(0.0 * b).sum()  # noqa: E731
             return loss + jax.lax.cond(flag, nan_grad, lambda b: 0.0, self.l2.bias[...])
 
-    engine = Engine(strategy="single", max_epochs=1, batch_size=64, **quiet())
+    guard = NanGuard("error", check_grads=True)
+    engine = Engine(strategy="single", max_epochs=1, batch_size=64, callbacks=[guard], **quiet())
     with pytest.raises(FloatingPointError, match=r"global step 2: a gradient is non-finite"):
         engine.fit(SqrtAtZero(nnx.Rngs(0)), batches(4, bad={2}, marker=7.0))
     assert int(engine.state.step) == 2

@@ -154,13 +154,15 @@ def test_unreachable_coordinator_fails_clearly(tmp_path):
 
 def test_a_preempted_child_lets_the_others_finish_and_the_launcher_exits_75(tmp_path):
     script = tmp_path / "preempted.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         import sys, time, jax
         if jax.process_index() == 0:
             time.sleep(2)  # still writing its part of the checkpoint when rank 1 is done
             print("rank 0 finished its checkpoint", flush=True)
         sys.exit(75)
-    """))
+    """)
+    )
     res = launch("--nproc", "2", str(script), timeout=60)
     assert res.returncode == 75, res.stdout + res.stderr
     assert "[rank 0] rank 0 finished its checkpoint" in res.stdout

@@ -25,8 +25,7 @@ def _is_array_data(data: Any) -> bool:
     return isinstance(data, np.ndarray)
 
 
-@dataclass(frozen=True)
-class HostBatch:
+class HostBatch(NamedTuple):
     """One global batch as this process sees it: its rows, plus the global row count."""
 
     local: Any
@@ -82,11 +81,13 @@ class ArrayLoader:
     ) -> Iterator[HostBatch]:
         """Host batches of `epoch` from batch index `start`; `rows_for(n)` picks local rows."""
         order = self.order(epoch)
+        leaves, treedef = jax.tree.flatten(self.data)
         for i in range(start, len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             lo, hi, sharded = rows_for(len(idx)) if rows_for else (0, len(idx), True)
             rows = idx[lo:hi]
-            yield HostBatch(jax.tree.map(lambda x, r=rows: x[r], self.data), len(idx), sharded)
+            local = jax.tree.unflatten(treedef, [x[rows] for x in leaves])
+            yield HostBatch(local, len(idx), sharded)
 
 
 class IterableLoader:
@@ -248,7 +249,7 @@ class Placer:
 
     def place(self, batch: HostBatch) -> Any:
         leaves, treedef = jax.tree.flatten(batch.local)
-        key = (treedef, tuple(np.ndim(x) for x in leaves), batch.sharded)
+        key = (treedef, tuple(map(np.ndim, leaves)), batch.sharded)
         shardings = self._shardings.get(key)
         if shardings is None:
             shardings = self._shardings[key] = [

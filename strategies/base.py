@@ -18,6 +18,12 @@ def make_mesh(shape: Sequence[int], names: Sequence[str], devices: Sequence[Any]
     )
 
 
+def nearest_multiples(n: int, k: int) -> str:
+    """The multiples of `k` around `n`, for error messages: '96 or 104' (or '8' below k)."""
+    lo, hi = (n // k) * k, (n // k + 1) * k
+    return f"{lo} or {hi}" if lo else f"{hi}"
+
+
 class Strategy:
     """Placement for a training run. Subclasses answer three questions:
 
@@ -89,12 +95,11 @@ class Strategy:
     def check_batch_size(self, global_batch_size: int, what: str = "Global batch size") -> None:
         dp = self.data_parallel_size
         if global_batch_size % dp:
-            lo, hi = (global_batch_size // dp) * dp, (global_batch_size // dp + 1) * dp
-            example = f"{lo} or {hi}" if lo else f"{hi}"
             raise ValueError(
                 f"{what} {global_batch_size} is not divisible by the {dp} data-parallel devices of "
-                f"strategy {self.name!r}. Use a multiple of {dp} (e.g. {example}), or fewer "
-                f"devices (Engine(devices=...))."
+                f"strategy {self.name!r}. Use a multiple of {dp} "
+                f"(e.g. {nearest_multiples(global_batch_size, dp)}), or fewer devices "
+                "(Engine(devices=...))."
             )
 
     def describe(self) -> str:

@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from meshfit.stack import Stack, scan_layers, stack_executor, stack_size
-from meshfit.strategies.base import Strategy, make_mesh
+from meshfit.strategies.base import Strategy, make_mesh, nearest_multiples
 
 SCHEDULES = ("gpipe", "circular")
 
@@ -170,12 +170,11 @@ class Pipeline(Strategy):
     def check_batch_size(self, global_batch_size: int, what: str = "Global batch size") -> None:
         need = self.microbatches * self.data_parallel_size
         if global_batch_size % need:
-            lo, hi = (global_batch_size // need) * need, (global_batch_size // need + 1) * need
-            example = f"{lo} or {hi}" if lo else f"{hi}"
             raise ValueError(
                 f"{what} {global_batch_size} is not divisible by microbatches "
                 f"{self.microbatches} × data {self.data_parallel_size} = {need} of strategy "
-                f"'pipeline'. Use a multiple of {need} (e.g. {example}), or change "
+                f"'pipeline'. Use a multiple of {need} "
+                f"(e.g. {nearest_multiples(global_batch_size, need)}), or change "
                 "Pipeline(microbatches=...)."
             )
 

@@ -73,10 +73,13 @@ class NanGuard(StepTransform):
             self._check(engine, metrics["loss"])
 
     def on_fit_end(self, engine: Engine) -> None:
-        self._check(engine, engine.callback_metrics.get("loss"))
+        self._check(engine, engine.callback_metrics.get("loss"), final=True)
 
-    def _check(self, engine: Engine, window_loss: float | None) -> None:
+    def _check(self, engine: Engine, window_loss: float | None, final: bool = False) -> None:
         """Read the guard's counters (when the host reads metrics anyway) and report."""
+        loss_only = not (final or self.check_grads)
+        if loss_only and window_loss is not None and math.isfinite(window_loss):
+            return  # the window's mean loss is finite, so no step of it was skipped
         extra = getattr(engine.state, "extra", None) or {}
         if self.state_key not in extra:  # e.g. Engine.validate without fit: no training state
             return

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from meshfit.data import make_loader
+from meshfit.plan import jit_train_step
 
 
 class BatchSizeEstimate(NamedTuple):
@@ -170,9 +171,10 @@ def find_batch_size(
                 ),
                 row,
             )
-            step = engine._jit_train_step(plan.graphdef, plan.tx, plan.shardings, batch)
+            step = jit_train_step(plan, strategy_, engine.transforms, {}, engine.precision, batch)
             with jax.set_mesh(strategy_.mesh):
-                measured[batch_size] = step_bytes(step.lower(abstract_state, batch).compile())
+                lowered = step.lower(jax.tree.leaves(abstract_state), batch)
+                measured[batch_size] = step_bytes(lowered.compile())
         return measured[batch_size]
 
     if bytes_for(dp) > memory_budget:

@@ -7,11 +7,10 @@ import itertools
 import math
 import os
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from meshfit import checkpoint, distributed, preemption
@@ -22,26 +21,12 @@ from meshfit.data import Placer, make_loader
 from meshfit.hardware import print_hardware_report
 from meshfit.metrics import MetricWindow
 from meshfit.module import MetricMeta, overrides
+from meshfit.plan import ModuleOrFactory, StatePlan, build_state, jit_train_step, plan_state
 from meshfit.preemption import PreemptionWatcher
 from meshfit.state import TrainState
-from meshfit.step import PRECISIONS, make_eval_step, make_train_step, split_module
+from meshfit.step import PRECISIONS, make_eval_step, split_module
 from meshfit.strategies import Strategy, available_strategies, resolve_strategy
-from meshfit.strategies.auto import resolve_auto
 from meshfit.timing import PhaseTimer
-
-ModuleOrFactory = nnx.Module | Callable[[], nnx.Module]
-
-
-class StatePlan(NamedTuple):
-    """What `Engine._plan_state` knows about a run's train state before creating it."""
-
-    graphdef: nnx.GraphDef
-    params: nnx.State  # real arrays for a module instance, abstract for a factory
-    rest: nnx.State
-    tx: optax.GradientTransformation
-    init: Callable[[nnx.State, nnx.State], TrainState]
-    abstract: TrainState
-    shardings: TrainState
 
 
 class Engine:
@@ -149,7 +134,7 @@ class Engine:
 
         self.strategy: Strategy | None = None
         self.module: nnx.Module | None = None
-        self.state: TrainState | None = None
+        self.state = None  # the TrainState (a property over the flat leaves the step uses)
         self.compiled_step: Any = None
         self.callback_metrics: dict[str, float] = {}
         self.metric_meta: dict[str, MetricMeta] = {}
@@ -268,109 +253,27 @@ class Engine:
         return self.strategy
 
     # ------------------------------------------------------------------ state
-    def _optimizer(self, module: nnx.Module) -> optax.GradientTransformation:
-        try:
-            tx = module.configure_optimizers()
-        except NotImplementedError:
-            tx = None
-        if not isinstance(tx, optax.GradientTransformation):
-            raise TypeError(
-                f"{type(module).__name__}.configure_optimizers() must return an optax "
-                f"GradientTransformation (e.g. `return optax.adam(1e-3)`), got {type(tx).__name__}."
-            )
-        if self.gradient_clip_val is not None:
-            clip = (
-                optax.clip_by_global_norm(self.gradient_clip_val)
-                if self.gradient_clip_algorithm == "norm"
-                else optax.clip(self.gradient_clip_val)
-            )
-            tx = optax.chain(clip, tx)
-        return tx
+    @property
+    def state(self) -> TrainState | None:
+        """The train-state pytree; its leaves are the live (sharded) arrays."""
+        if self._state is None and self._leaves is not None:
+            self._state = self._treedef.unflatten(self._leaves)
+        return self._state
+
+    @state.setter
+    def state(self, value: TrainState | None) -> None:
+        self._state, self._leaves = value, None
+        self._treedef = None if value is None else jax.tree.structure(value)
+
+    def _state_leaves(self) -> list[jax.Array]:
+        """The state's flat leaves, what the jitted train step takes and returns."""
+        if self._leaves is None:
+            self._leaves = self._treedef.flatten_up_to(self._state)
+        return self._leaves
 
     def _plan_state(self, module_or_factory: ModuleOrFactory) -> StatePlan:
-        """The train state without its values: template module, optimizer, `init(params, rest)`,
-        abstract state and its shardings. Allocates nothing (fit and `find_batch_size` use it)."""
-        strategy = self._setup_strategy()
-        is_factory = not isinstance(module_or_factory, nnx.Module)
-        if is_factory and not callable(module_or_factory):
-            raise TypeError(
-                "fit() expects a TrainModule instance or a zero-argument factory returning one, "
-                f"got {type(module_or_factory).__name__}."
-            )
-        # Partition annotations are metadata read by the strategy's rules, not eager placements
-        # (so logical names need no mesh axis of their own).
-        with nnx.use_eager_sharding(False):
-            template = nnx.eval_shape(module_or_factory) if is_factory else module_or_factory
-        with jax.set_mesh(strategy.mesh), nnx.use_eager_sharding(False):
-            if not callable(getattr(template, "training_step", None)) or (
-                not overrides(template, "training_step") and hasattr(type(template), "log")
-            ):
-                raise TypeError(
-                    f"{type(template).__name__} has no training_step. Subclass meshfit.TrainModule "
-                    "and define `def training_step(self, batch): ... return loss`."
-                )
-            tx = self._optimizer(template)
-            transforms = self.transforms
-            graphdef, params, rest = split_module(template)
-
-            def init(params, rest):
-                extra = {t.state_key: t.init(params) for t in transforms}
-                return TrainState(jnp.zeros((), jnp.int32), params, rest, tx.init(params), extra)
-
-            abstract = jax.eval_shape(init, params, rest)
-            strategy = self.strategy = resolve_auto(self, strategy, abstract)  # "auto": by size
-            shardings = strategy.state_shardings(abstract)
-        return StatePlan(graphdef, params, rest, tx, init, abstract, shardings)
-
-    def _build_state(
-        self, module_or_factory: ModuleOrFactory
-    ) -> tuple[nnx.Module | None, optax.GradientTransformation]:
-        """Create `self.state` laid out by the strategy. A factory is built directly sharded."""
-        plan = self._plan_state(module_or_factory)
-        is_factory = not isinstance(module_or_factory, nnx.Module)
-        init, shardings = plan.init, plan.shardings
-        with jax.set_mesh(self.strategy.mesh), nnx.use_eager_sharding(False):
-            if is_factory:
-
-                def build():
-                    _, p, r = split_module(module_or_factory())
-                    return init(p, r)
-
-                self.init_compiled = jax.jit(build, out_shardings=shardings).lower().compile()
-                self.state = self.init_compiled()
-            else:
-                params, rest = jax.device_put(
-                    (plan.params, plan.rest), (shardings.params, shardings.rest), may_alias=False
-                )
-                self.state = jax.jit(init, out_shardings=shardings)(params, rest)
-        self._graphdef, self._state_shardings = plan.graphdef, shardings
-        return (None if is_factory else module_or_factory), plan.tx
-
-    def _jit_train_step(
-        self,
-        graphdef: nnx.GraphDef,
-        tx: optax.GradientTransformation,
-        state_shardings: Any,
-        batch_example: Any,
-    ) -> Any:
-        """The pure training step jitted with the strategy's layouts and the state donated
-        (not yet compiled: lower it with a state and `batch_example`, abstract or real)."""
-        strategy = self.strategy
-        train_step = make_train_step(
-            graphdef,
-            tx,
-            self.transforms,
-            self.metric_meta,
-            compute_dtype=PRECISIONS[self.precision],
-            context=strategy.step_context,
-        )
-        batch_shardings = jax.tree.map(lambda x: strategy.batch_sharding(x.ndim), batch_example)
-        return jax.jit(
-            train_step,
-            in_shardings=(state_shardings, batch_shardings),
-            out_shardings=(state_shardings, strategy.replicated()),
-            donate_argnums=0,
-        )
+        """The train state before it exists (see `meshfit.plan.plan_state`)."""
+        return plan_state(self, module_or_factory)
 
     # ------------------------------------------------------------------ fit
     def fit(
@@ -388,8 +291,10 @@ class Engine:
         self.should_stop = False
         self._call("setup")
         resume_from = checkpoint.resolve(self, ckpt_path) if ckpt_path is not None else None
-        instance, tx = self._build_state(module)
+        plan = self._plan_state(module)
         strategy = self.strategy
+        self.state, self.init_compiled = build_state(plan, module, strategy.mesh)
+        self._graphdef = plan.graphdef
         strategy.check_batch_size(self.batch_size)
         # one step = `micro_batches` batches (gradient accumulation windows)
         train_loader = self._loader(train_data, "train_data", micro_batches=self.micro_batches)
@@ -398,20 +303,22 @@ class Engine:
         self._placer = Placer(strategy.batch_sharding, strategy.replicated())
 
         batch_example = self._example_batch(train_loader)
-        self._train_step = self._jit_train_step(
-            self._graphdef, tx, self._state_shardings, batch_example
+        self._train_step = jit_train_step(
+            plan, strategy, self.transforms, self.metric_meta, self.precision, batch_example
         )
         self._build_eval_step()
         self.module = (
-            instance
-            if instance is not None
+            module
+            if isinstance(module, nnx.Module)
             else nnx.merge(self._graphdef, self.state.params, self.state.rest)
         )
         self._val_loader, self._train_window = val_loader, MetricWindow(self.metric_meta)
         checkpoint.restore(self, resume_from)  # resharded onto this run's layout; no-op if None
         # Tracing, compiling and the loop all run under the mesh (it is part of the trace key).
         with jax.set_mesh(strategy.mesh):
-            self.compiled_step = self._train_step.lower(self.state, batch_example).compile()
+            self.compiled_step = self._train_step.lower(
+                self._state_leaves(), batch_example
+            ).compile()
             print_hardware_report(self)
             self._call("on_fit_start")
             self._preemption = PreemptionWatcher().install()
@@ -465,7 +372,7 @@ class Engine:
 
     def _fit_loop(self, train_loader: Any, val_loader: Any) -> None:
         window = self._train_window
-        in_flight: collections.deque = collections.deque()
+        in_flight = InFlight(self.max_in_flight)
         batch_hooks = bool(self._hooks["on_train_batch_start"] or self._hooks["on_train_batch_end"])
         step = self._train_step
         self.timings.start()  # phases: waiting for data until the step is dispatched
@@ -483,11 +390,11 @@ class Engine:
                 if batch_hooks:
                     self._call("on_train_batch_start", batch, self.batch_idx)
                 self.timings.begin_step()
-                self.state, outputs = step(self.state, batch)
+                # the state as flat leaves: `self.state` is rebuilt only if something reads it
+                self._leaves, outputs = step(self._state_leaves(), batch)
+                self._state = None
                 window.add(outputs)
-                in_flight.append(outputs)
-                if len(in_flight) > self.max_in_flight:
-                    jax.block_until_ready(in_flight.popleft())
+                in_flight.add(outputs)
                 self.timings.switch("data")
                 self.global_step += 1
                 self.batch_idx += 1
@@ -565,13 +472,11 @@ class Engine:
         resume = self.timings.switch("validation")
         self._call("on_validation_start")
         window = MetricWindow(self._val_meta)
-        in_flight: collections.deque = collections.deque()
+        in_flight = InFlight(self.max_in_flight)
         for batch, rows in self._placer.prefetch(loader.epoch(0, 0, self._placer.rows_for)):
             outputs = self._eval_step(self.state.params, self.state.rest, batch)
             window.add(outputs, weight=rows)
-            in_flight.append(outputs)
-            if len(in_flight) > self.max_in_flight:
-                jax.block_until_ready(in_flight.popleft())
+            in_flight.add(outputs)
         metrics = window.compute() if len(window) else {}
         self.callback_metrics.update(metrics)
         if metrics:
@@ -597,6 +502,19 @@ class Engine:
         loader = self._loader(data, "data")
         with jax.set_mesh(self.strategy.mesh):
             return self._validation_pass(loader)
+
+
+class InFlight:
+    """Bounds how many dispatched steps are queued ahead of the host: past `limit`, wait for
+    the oldest (bounds memory, and avoids the XLA:CPU collective stall of long queues)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.queue = limit, collections.deque()
+
+    def add(self, outputs: Any) -> None:
+        self.queue.append(outputs)
+        if len(self.queue) > self.limit:
+            jax.block_until_ready(self.queue.popleft())
 
 
 def _length(loader: Any) -> int | None:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from meshfit import checkpoint, distributed, preemption
+from meshfit import checkpoint, distributed, preemption, restore
 from meshfit.callbacks.base import Callback, StepTransform, overridden_hooks
 from meshfit.callbacks.nan_guard import default_nan_guard
 from meshfit.callbacks.summary import default_model_summary
@@ -313,7 +313,7 @@ class Engine:
             else nnx.merge(self._graphdef, self.state.params, self.state.rest)
         )
         self._val_loader, self._train_window = val_loader, MetricWindow(self.metric_meta)
-        checkpoint.restore(self, resume_from)  # resharded onto this run's layout; no-op if None
+        restore.restore(self, resume_from)  # resharded onto this run's layout; no-op if None
         # Tracing, compiling and the loop all run under the mesh (it is part of the trace key).
         with jax.set_mesh(strategy.mesh):
             self.compiled_step = self._train_step.lower(

@@ -13,12 +13,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from meshfit import checkpoint, distributed, preemption, restore
+from meshfit import checkpoint, distributed, restore
 from meshfit.callbacks.base import Callback, StepTransform, overridden_hooks
 from meshfit.callbacks.nan_guard import default_nan_guard
 from meshfit.callbacks.summary import default_model_summary
 from meshfit.data import Placer, make_loader
 from meshfit.hardware import print_hardware_report
+from meshfit.loop import fit_loop, validation_pass
 from meshfit.metrics import MetricWindow
 from meshfit.module import MetricMeta, overrides
 from meshfit.plan import ModuleOrFactory, StatePlan, build_state, jit_train_step, plan_state
@@ -323,7 +324,7 @@ class Engine:
             self._call("on_fit_start")
             self._preemption = PreemptionWatcher().install()
             try:
-                self._fit_loop(train_loader, val_loader)
+                fit_loop(self, train_loader, val_loader)
                 self._call("on_fit_end")
             except BaseException as exc:
                 self._call("on_exception", exc)
@@ -370,88 +371,6 @@ class Engine:
 
         return jax.tree.map(abstract, first.local)
 
-    def _fit_loop(self, train_loader: Any, val_loader: Any) -> None:
-        window = self._train_window
-        in_flight = InFlight(self.max_in_flight)
-        batch_hooks = bool(self._hooks["on_train_batch_start"] or self._hooks["on_train_batch_end"])
-        step = self._train_step
-        self.timings.start()  # phases: waiting for data until the step is dispatched
-        while not self._finished():
-            self._call("on_train_epoch_start")
-            position, self._first_batches = self._first_batches, None
-            if position and position[:2] == (self.current_epoch, self.batch_idx):
-                batches = position[2]
-            else:
-                batches = train_loader.epoch(
-                    self.current_epoch, self.batch_idx, self._placer.rows_for
-                )
-            exhausted, epoch_start = True, self.batch_idx
-            for batch, _rows in self._placer.prefetch(batches):
-                if batch_hooks:
-                    self._call("on_train_batch_start", batch, self.batch_idx)
-                self.timings.begin_step()
-                # the state as flat leaves: `self.state` is rebuilt only if something reads it
-                self._leaves, outputs = step(self._state_leaves(), batch)
-                self._state = None
-                window.add(outputs)
-                in_flight.add(outputs)
-                self.timings.switch("data")
-                self.global_step += 1
-                self.batch_idx += 1
-                if self.global_step % self.log_every_n_steps == 0:
-                    self._log(window)
-                if batch_hooks:
-                    self._call("on_train_batch_end", outputs, batch, self.batch_idx - 1)
-                if (
-                    val_loader is not None
-                    and self.val_every_n_steps
-                    and self.global_step % self.val_every_n_steps == 0
-                ):
-                    self._validation_pass(val_loader)
-                if self._preemption.requested(self.global_step):
-                    preemption.checkpoint_and_exit(self)  # saves, then raises Preempted (exit 75)
-                if self.should_stop or self._reached_max_steps():
-                    exhausted = (
-                        self.num_training_batches is not None
-                        and self.batch_idx >= self.num_training_batches
-                    )
-                    break
-            n = self.num_training_batches
-            at_end = n is not None and epoch_start >= n  # resumed just after the epoch's last batch
-            if self.batch_idx == epoch_start and not at_end:
-                raise ValueError(
-                    f"train_data produced no batches in epoch {self.current_epoch}. A one-shot "
-                    "iterator is exhausted after one epoch: pass a re-iterable (a list, or an "
-                    "object whose __iter__ starts over) or stop with max_steps."
-                )
-            self._log(window)
-            if exhausted:
-                if val_loader is not None and self.val_every_n_steps is None:
-                    self._validation_pass(val_loader)
-                self._call("on_train_epoch_end")
-                self.current_epoch += 1
-                self.batch_idx = 0
-            elif val_loader is not None and self.val_every_n_steps is None:
-                self._validation_pass(val_loader)  # stopped mid-epoch: still report validation
-        with self.timings.phase("step"):
-            jax.block_until_ready(self.state)
-        self.timings.stop()
-
-    def _finished(self) -> bool:
-        if self.should_stop or self._reached_max_steps():
-            return True
-        return self.max_epochs is not None and self.current_epoch >= self.max_epochs
-
-    def _reached_max_steps(self) -> bool:
-        return self.max_steps is not None and self.global_step >= self.max_steps
-
-    def _log(self, window: MetricWindow) -> None:
-        if len(window):
-            with self.timings.phase("step"):  # reading the metrics waits for the device
-                metrics = window.compute()
-            self.callback_metrics.update(metrics)
-            self._call("on_log", metrics)
-
     def _write_back(self) -> None:
         """Put the trained variables back into the user's module (NNX: in place)."""
         if self.module is not None and self.state is not None and not _deleted(self.state):
@@ -467,23 +386,6 @@ class Engine:
             context=self.strategy.step_context,
         )
         self._eval_step = jax.jit(eval_step)
-
-    def _validation_pass(self, loader: Any) -> dict[str, float]:
-        resume = self.timings.switch("validation")
-        self._call("on_validation_start")
-        window = MetricWindow(self._val_meta)
-        in_flight = InFlight(self.max_in_flight)
-        for batch, rows in self._placer.prefetch(loader.epoch(0, 0, self._placer.rows_for)):
-            outputs = self._eval_step(self.state.params, self.state.rest, batch)
-            window.add(outputs, weight=rows)
-            in_flight.add(outputs)
-        metrics = window.compute() if len(window) else {}
-        self.callback_metrics.update(metrics)
-        if metrics:
-            self._call("on_log", metrics)
-        self._call("on_validation_end")
-        self.timings.switch(resume)
-        return metrics
 
     def validate(self, module: ModuleOrFactory, data: Any) -> dict[str, float]:
         """Run `validation_step` over `data`; metrics averaged over the whole set (by batch size)."""
@@ -501,20 +403,7 @@ class Engine:
             self._build_eval_step()
         loader = self._loader(data, "data")
         with jax.set_mesh(self.strategy.mesh):
-            return self._validation_pass(loader)
-
-
-class InFlight:
-    """Bounds how many dispatched steps are queued ahead of the host: past `limit`, wait for
-    the oldest (bounds memory, and avoids the XLA:CPU collective stall of long queues)."""
-
-    def __init__(self, limit: int):
-        self.limit, self.queue = limit, collections.deque()
-
-    def add(self, outputs: Any) -> None:
-        self.queue.append(outputs)
-        if len(self.queue) > self.limit:
-            jax.block_until_ready(self.queue.popleft())
+            return validation_pass(self, loader)
 
 
 def _length(loader: Any) -> int | None:

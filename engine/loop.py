@@ -1,0 +1,137 @@
+"""The loop: train steps dispatched ahead of the host, hooks, logs, validation, stopping.
+
+Functions over the `Engine` (its counters, callbacks and state), kept apart from its setup.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import TYPE_CHECKING, Any
+
+import jax
+
+from meshfit import preemption
+from meshfit.metrics import MetricWindow
+
+if TYPE_CHECKING:
+    from meshfit.engine import Engine
+
+
+def fit_loop(engine: Engine, train_loader: Any, val_loader: Any) -> None:
+    """Epochs of steps until max_epochs / max_steps / should_stop, from the engine's data
+    position: one dispatch per step, metrics read at the log cadence, hooks in documented order."""
+    window = engine._train_window
+    in_flight = InFlight(engine.max_in_flight)
+    batch_hooks = bool(engine._hooks["on_train_batch_start"] or engine._hooks["on_train_batch_end"])
+    step = engine._train_step
+    engine.timings.start()  # phases: waiting for data until the step is dispatched
+    while not _finished(engine):
+        engine._call("on_train_epoch_start")
+        position, engine._first_batches = engine._first_batches, None
+        if position and position[:2] == (engine.current_epoch, engine.batch_idx):
+            batches = position[2]
+        else:
+            batches = train_loader.epoch(
+                engine.current_epoch, engine.batch_idx, engine._placer.rows_for
+            )
+        exhausted, epoch_start = True, engine.batch_idx
+        for batch, _rows in engine._placer.prefetch(batches):
+            if batch_hooks:
+                engine._call("on_train_batch_start", batch, engine.batch_idx)
+            engine.timings.begin_step()
+            # the state as flat leaves: `engine.state` is rebuilt only if something reads it
+            engine._leaves, outputs = step(engine._state_leaves(), batch)
+            engine._state = None
+            window.add(outputs)
+            in_flight.add(outputs)
+            engine.timings.switch("data")
+            engine.global_step += 1
+            engine.batch_idx += 1
+            if engine.global_step % engine.log_every_n_steps == 0:
+                log_window(engine, window)
+            if batch_hooks:
+                engine._call("on_train_batch_end", outputs, batch, engine.batch_idx - 1)
+            if (
+                val_loader is not None
+                and engine.val_every_n_steps
+                and engine.global_step % engine.val_every_n_steps == 0
+            ):
+                validation_pass(engine, val_loader)
+            if engine._preemption.requested(engine.global_step):
+                preemption.checkpoint_and_exit(engine)  # saves, then raises Preempted (exit 75)
+            if engine.should_stop or reached_max_steps(engine):
+                exhausted = (
+                    engine.num_training_batches is not None
+                    and engine.batch_idx >= engine.num_training_batches
+                )
+                break
+        n = engine.num_training_batches
+        at_end = n is not None and epoch_start >= n  # resumed just after the epoch's last batch
+        if engine.batch_idx == epoch_start and not at_end:
+            raise ValueError(
+                f"train_data produced no batches in epoch {engine.current_epoch}. A one-shot "
+                "iterator is exhausted after one epoch: pass a re-iterable (a list, or an "
+                "object whose __iter__ starts over) or stop with max_steps."
+            )
+        log_window(engine, window)
+        if exhausted:
+            if val_loader is not None and engine.val_every_n_steps is None:
+                validation_pass(engine, val_loader)
+            engine._call("on_train_epoch_end")
+            engine.current_epoch += 1
+            engine.batch_idx = 0
+        elif val_loader is not None and engine.val_every_n_steps is None:
+            validation_pass(engine, val_loader)  # stopped mid-epoch: still report validation
+    with engine.timings.phase("step"):
+        jax.block_until_ready(engine.state)
+    engine.timings.stop()
+
+
+def _finished(engine: Engine) -> bool:
+    if engine.should_stop or reached_max_steps(engine):
+        return True
+    return engine.max_epochs is not None and engine.current_epoch >= engine.max_epochs
+
+
+def reached_max_steps(engine: Engine) -> bool:
+    return engine.max_steps is not None and engine.global_step >= engine.max_steps
+
+
+def log_window(engine: Engine, window: MetricWindow) -> None:
+    if len(window):
+        with engine.timings.phase("step"):  # reading the metrics waits for the device
+            metrics = window.compute()
+        engine.callback_metrics.update(metrics)
+        engine._call("on_log", metrics)
+
+
+def validation_pass(engine: Engine, loader: Any) -> dict[str, float]:
+    """`validation_step` over `loader`; metrics weighted by batch rows, logged via `on_log`."""
+    resume = engine.timings.switch("validation")
+    engine._call("on_validation_start")
+    window = MetricWindow(engine._val_meta)
+    in_flight = InFlight(engine.max_in_flight)
+    for batch, rows in engine._placer.prefetch(loader.epoch(0, 0, engine._placer.rows_for)):
+        outputs = engine._eval_step(engine.state.params, engine.state.rest, batch)
+        window.add(outputs, weight=rows)
+        in_flight.add(outputs)
+    metrics = window.compute() if len(window) else {}
+    engine.callback_metrics.update(metrics)
+    if metrics:
+        engine._call("on_log", metrics)
+    engine._call("on_validation_end")
+    engine.timings.switch(resume)
+    return metrics
+
+
+class InFlight:
+    """Bounds how many dispatched steps are queued ahead of the host: past `limit`, wait for
+    the oldest (bounds memory, and avoids the XLA:CPU collective stall of long queues)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.queue = limit, collections.deque()
+
+    def add(self, outputs: Any) -> None:
+        self.queue.append(outputs)
+        if len(self.queue) > self.limit:
+            jax.block_until_ready(self.queue.popleft())

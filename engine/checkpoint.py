@@ -1,12 +1,13 @@
 """Orbax plumbing: the checkpoint format, saving (`CheckpointWriter`) and finding checkpoints.
 
-A training checkpoint is one step directory written by an orbax `CheckpointManager` with three
-items: `params` (the module's parameters), `state` (step, other module variables with PRNG keys
-stored as raw `key_data`, optimizer state, in-step transform states) and `meta` (JSON: the data
-position, every callback's `state_dict`, the unlogged metric window, the optimizer's state layout).
-Arrays are restored onto abstract targets that carry this run's shardings, so a checkpoint written
-under one strategy reads back resharded under another (`meshfit.restore`). Nothing is pickled:
-loading runs no code.
+A training checkpoint is one step directory written by an orbax `CheckpointManager` with two
+items: `train`, the arrays (`params`: the module's parameters; `state`: step, other module
+variables with PRNG keys stored as raw `key_data`, optimizer state, in-step transform states),
+and `meta` (JSON: the data position, every callback's `state_dict`, the unlogged metric window,
+the optimizer's state layout). One array item, not two: each orbax item has a fixed cost, and
+this halves the time a save blocks the loop. Arrays are restored onto abstract targets that
+carry this run's shardings, so a checkpoint written under one strategy reads back resharded
+under another (`meshfit.restore`). Nothing is pickled: loading runs no code.
 """
 
 from __future__ import annotations
@@ -26,17 +27,13 @@ from meshfit.state import TrainState
 if TYPE_CHECKING:
     from meshfit.engine import Engine
 
-FORMAT_VERSION = 1
-ITEMS = ("params", "state", "meta")
+FORMAT_VERSION = 2  # 1: `params` and `state` as separate array items
+ITEMS = ("train", "meta")
 
 
 def item_handlers() -> dict[str, Any]:
-    """Handlers for the three items, so metadata and partial restores work in a fresh process."""
-    return {
-        "params": ocp.StandardCheckpointHandler(),
-        "state": ocp.StandardCheckpointHandler(),
-        "meta": ocp.JsonCheckpointHandler(),
-    }
+    """Handlers for the items, so metadata and partial restores work in a fresh process."""
+    return {"train": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
 
 
 class CheckpointError(ValueError):
@@ -178,9 +175,9 @@ def _state_tree(state: TrainState) -> dict[str, Any]:
     }
 
 
-def _state_items(state: TrainState) -> tuple[Any, dict[str, Any]]:
-    """(params, savable rest of the state): the two array items of a checkpoint."""
-    return state.params, to_savable(_state_tree(state))
+def train_item(state: TrainState) -> dict[str, Any]:
+    """The `train` item: `params` and the savable rest of the state."""
+    return {"params": state.params, "state": to_savable(_state_tree(state))}
 
 
 class CheckpointWriter:
@@ -259,7 +256,7 @@ class CheckpointWriter:
         step = int(engine.global_step)
         if step in self.manager.all_steps():
             return False
-        params, state = _state_items(engine.state)
+        arrays = train_item(engine.state)
         metrics = None
         meta_extra: dict[str, Any] = {}
         if self.monitor is not None:
@@ -271,8 +268,7 @@ class CheckpointWriter:
         self.manager.save(
             step,
             args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params),
-                state=ocp.args.StandardSave(state),
+                train=ocp.args.PyTreeSave(arrays),
                 meta=ocp.args.JsonSave(meta),
             ),
             metrics=metrics,
@@ -314,12 +310,32 @@ def _reader(directory: str) -> ocp.CheckpointManager:
 
 
 def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
-    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    """The `meta` item, after checking this meshfit can read the checkpoint's format."""
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    version = meta.get("format", 0)
+    if version != FORMAT_VERSION:
+        where = os.path.join(str(manager.directory), str(step))
+        raise CheckpointError(
+            f"Checkpoint {where} has format {version}; this meshfit reads format "
+            f"{FORMAT_VERSION}. "
+            + (
+                "Upgrade meshfit to resume from it."
+                if version > FORMAT_VERSION
+                else "It was written by an older meshfit: resume it with that version, or "
+                "read its `params` item with orbax and meshfit.load_weights' layout."
+            )
+        )
+    return meta
+
+
+def train_metadata(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    """Shapes and dtypes of the `train` item: {"params": ..., "state": ...}."""
+    return manager.item_metadata(step)["train"]
 
 
 def _is_step_dir(path: str) -> bool:
     return os.path.basename(os.path.normpath(path)).isdigit() and all(
-        os.path.isdir(os.path.join(path, item)) for item in ("params", "meta")
+        os.path.isdir(os.path.join(path, item)) for item in ITEMS
     )
 
 

@@ -12,18 +12,18 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from meshfit.checkpoint import (
-    FORMAT_VERSION,
     CheckpointError,
     _describe_signature,
     _is_step_dir,
     _reader,
-    _state_items,
     _state_tree,
     abstract_like,
     flat_shapes,
     from_savable,
     optimizer_signature,
     read_meta,
+    train_item,
+    train_metadata,
     tree_mismatches,
 )
 from meshfit.state import TrainState
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 def check_compatible(manager: ocp.CheckpointManager, step: int, engine: Engine, meta: dict) -> None:
     """Clear errors for a parameter tree or optimizer that does not match this run."""
     where = os.path.join(str(manager.directory), str(step))
-    saved = manager.item_metadata(step)
+    saved = train_metadata(manager, step)
     lines = tree_mismatches(flat_shapes(saved["params"]), flat_shapes(engine.state.params))
     if lines:
         raise CheckpointError(
@@ -56,7 +56,7 @@ def check_compatible(manager: ocp.CheckpointManager, step: int, engine: Engine, 
             "with (configure_optimizers, gradient_clip_val), or load only the weights with "
             "meshfit.load_weights(module, path) and start a new run."
         )
-    _, expected_state = _state_items(engine.state)
+    expected_state = train_item(engine.state)["state"]
     lines = tree_mismatches(flat_shapes(saved["state"]), flat_shapes(expected_state))
     if lines:
         raise CheckpointError(
@@ -75,20 +75,10 @@ def restore(engine: Engine, found: tuple[str, int] | None) -> int | None:
     directory, step = found
     manager = _reader(directory)
     meta = read_meta(manager, step)
-    if meta.get("format", 0) > FORMAT_VERSION:
-        raise CheckpointError(
-            f"Checkpoint {directory}/{step} has format {meta['format']}, newer than this meshfit "
-            f"reads ({FORMAT_VERSION}). Upgrade meshfit to resume from it."
-        )
     check_compatible(manager, step, engine, meta)
-    params, state = _state_items(engine.state)
     restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_like(params)),
-            state=ocp.args.StandardRestore(abstract_like(state)),
-        ),
-    )
+        step, args=ocp.args.Composite(train=_restore_args(train_item(engine.state)))
+    )["train"]
     new_params = restored["params"]
     rest = from_savable(restored["state"], _state_tree(engine.state))
     engine.state = TrainState(
@@ -96,6 +86,16 @@ def restore(engine: Engine, found: tuple[str, int] | None) -> int | None:
     )
     _restore_host(engine, meta)
     return step
+
+
+def _restore_args(target: Any, partial: bool = False) -> ocp.args.PyTreeRestore:
+    """Read the `train` item (or, `partial`, the subtrees `target` holds) into `target`'s layout."""
+    abstract = abstract_like(target)
+    return ocp.args.PyTreeRestore(
+        item=abstract,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=partial,
+    )
 
 
 def _restore_host(engine: Engine, meta: dict[str, Any]) -> None:
@@ -148,18 +148,19 @@ def load_weights(module: nnx.Module, path: str | os.PathLike) -> nnx.Module:
             else (path, max(_reader(path).all_steps()))
         )
         manager = _reader(directory)
-        saved = flat_shapes(manager.item_metadata(step)["params"])
+        read_meta(manager, step)  # the format check
+        saved = flat_shapes(train_metadata(manager, step)["params"])
 
         def restore_fn(abstract):
-            args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract))
-            return manager.restore(step, args=args)["params"]
+            args = _restore_args({"params": abstract}, partial=True)
+            return manager.restore(step, args=ocp.args.Composite(train=args))["train"]["params"]
 
     else:
         checkpointer = ocp.StandardCheckpointer()
         saved = flat_shapes(checkpointer.metadata(path).item_metadata)
 
-        def restore_fn(abstract):
-            return checkpointer.restore(path, abstract)
+        def restore_fn(target):
+            return checkpointer.restore(path, abstract_like(target))
 
     lines = tree_mismatches(saved, expected)
     if lines:
@@ -168,5 +169,5 @@ def load_weights(module: nnx.Module, path: str | os.PathLike) -> nnx.Module:
             + "\n".join(lines[:20])
             + "\nBuild the module with the configuration it was trained with."
         )
-    nnx.update(module, restore_fn(abstract_like(target)))
+    nnx.update(module, restore_fn(target))
     return module

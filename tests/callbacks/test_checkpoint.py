@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 import meshfit
+import meshfit.checkpoint
 from meshfit import CheckpointError, Engine
 from meshfit.callbacks import (
     Callback,
@@ -160,7 +161,7 @@ def test_monitor_that_is_never_logged_fails_at_fit_start(tmp_path):
     assert "only at epoch ends" in msg
 
 
-def test_errors_missing_path_mismatched_params_other_optimizer(tmp_path):
+def test_errors_missing_path_mismatched_params_other_optimizer_other_format(tmp_path, monkeypatch):
     Engine(
         "single", max_steps=2, batch_size=64, callbacks=[ModelCheckpoint(tmp_path)], **quiet()
     ).fit(MLP(nnx.Rngs(0)), DATA)
@@ -177,6 +178,8 @@ def test_errors_missing_path_mismatched_params_other_optimizer(tmp_path):
     assert "l1/kernel: checkpoint float32[16, 32], this run float32[16, 48]" in msg
     msg = resume(MLP(nnx.Rngs(0), opt="sgd"), tmp_path)
     assert "different optimizer" in msg and "ScaleByAdamState" in msg
+    monkeypatch.setattr(meshfit.checkpoint, "FORMAT_VERSION", meshfit.checkpoint.FORMAT_VERSION + 1)
+    assert "written by an older meshfit" in resume(MLP(nnx.Rngs(0)), tmp_path)
 
 
 def test_save_and_load_weights_for_inference(tmp_path):

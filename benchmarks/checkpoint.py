@@ -3,13 +3,16 @@ checkpoints, printed as a ratio (target >= 0.95), plus how long one save blocks 
 long the whole (asynchronous) write takes.
 
 Same MLP and optimizer (adam: the checkpoint is ~3x the parameters) as benchmarks/overhead.py.
-This machine's speed drifts by 10-30% over seconds, so both are measured in one run: the fit
-is timed in windows of `--window` steps; "without" is the median rate of the windows that hold
-no save nor the write after one, "with" is all steps over all time, saves included. An orbax save costs a fixed
-~60-100 ms of CPU here whatever the size (its threads compete with the step for 2 cores), so
-the ratio is a function of how often you save; `--every` sets it. One CPU device.
+This machine's speed drifts by 10-30% over seconds, so everything is measured in one run, and
+locally: the fit is timed in windows of `--window` steps; a save's cost is the time of the
+windows holding it and its background write, less the same number of clean windows (the median
+of those around it, so slow drift cancels). "without" is the median rate of all clean windows;
+"with" adds the mean save cost once per `--every` steps. An orbax save costs ~60-100 ms of
+CPU here whatever the size (its threads compete with the step for 2 cores), so the ratio is a
+function of how often you save; `--every` sets it (the default, 1000 steps, is a save every
+~5 s here: far more often than training runs save). One CPU device.
 
-    python benchmarks/checkpoint.py [--steps 5000] [--every 500] [--hidden 512]
+    python benchmarks/checkpoint.py [--steps 10000] [--every 1000] [--hidden 512]
 """
 
 from __future__ import annotations
@@ -83,11 +86,30 @@ def write_time(engine: Engine, root: str, repeats: int = 3) -> tuple[float, floa
     return statistics.median(blocking), statistics.median(total)
 
 
+def save_costs(
+    seconds: np.ndarray, saved: list[int], span: int, hit: int = 4
+) -> tuple[list[float], list[float]]:
+    """(extra seconds of each save, clean window times). A save lands in the window where its
+    step falls and its background write in the next ones (`hit` windows in all; even, as every
+    other window holds a metric read); each is compared with the median clean window within
+    half a save interval of it. With saving off, the costs average ~0 (checked: -3 ms)."""
+    touched = {k + i for k in saved for i in range(hit)}
+    clean = [t for k, t in enumerate(seconds) if k not in touched]
+    costs = []
+    for k in saved:
+        if k + hit > len(seconds):
+            continue
+        near = range(max(0, k - span // 2), min(len(seconds), k + hit + span // 2))
+        reference = np.median([seconds[j] for j in near if j not in touched])
+        costs.append(float(seconds[k : k + hit].sum() - hit * reference))
+    return costs, clean
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=5000)
+    parser.add_argument("--steps", type=int, default=10000)
     parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--every", type=int, default=500)
+    parser.add_argument("--every", type=int, default=1000)
     parser.add_argument("--window", type=int, default=None, help="default: every / 10")
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--features", type=int, default=256)
@@ -107,14 +129,14 @@ def main() -> None:
         solo_block, solo_total = write_time(engine, root)
         size = tree_bytes(engine.state)
     seconds = np.diff(windows.stamps)
-    # a save lands in the window where its step falls, its background write in the next one
     save_steps = range(args.every, args.warmup + args.steps + 1, args.every)
-    saved = {(s - args.warmup) // args.window for s in save_steps if s >= args.warmup}
-    clean = [t for k, t in enumerate(seconds) if not {k, k - 1} & saved]
+    saved = [(s - args.warmup) // args.window for s in save_steps if s >= args.warmup]
+    costs, clean = save_costs(seconds, saved, span=args.every // args.window)
     without = args.window / np.median(clean)
-    with_saves = args.steps / seconds.sum()
+    per_save = statistics.mean(costs)  # the mean: what the saves cost the run in total
+    interval = args.every / without  # seconds of training between saves
+    with_saves = args.every / (interval + per_save)
     saves = len(mc.save_blocking_s)
-    per_save = (seconds.sum() - args.steps / without) / max(saves, 1)
     print(f"state: {size / 2**20:.1f} MiB (params + adam moments); 1 CPU device")
     print(
         f"without checkpoints (median of {len(clean)} {args.window}-step windows without a "
@@ -122,11 +144,13 @@ def main() -> None:
     )
     print(
         f"ModelCheckpoint(every_n_steps={args.every}), {saves} saves, one every "
-        f"{args.every / without:.1f} s: {with_saves:8.1f} steps/s"
+        f"{interval:.1f} s: {with_saves:8.1f} steps/s"
     )
     print(f"ratio (checkpointing / none): {with_saves / without:.3f}  (target >= 0.95)")
     print(
-        f"one save costs the loop {1e3 * per_save:.0f} ms in all; it blocks the loop "
+        f"one save costs the loop {1e3 * per_save:.0f} ms in all (mean of {len(costs)}; median "
+        f"{1e3 * statistics.median(costs):.0f} ms, quartiles {1e3 * np.percentile(costs, 25):.0f}-{1e3 * np.percentile(costs, 75):.0f} ms)"
+        f"; it blocks the loop "
         f"{1e3 * statistics.median(mc.save_blocking_s):.1f} ms (median of {saves}); alone: "
         f"blocks {1e3 * solo_block:.1f} ms of a {1e3 * solo_total:.1f} ms total write"
     )

@@ -12,7 +12,7 @@ callback waits for the device, then runs the same number of hand-written steps (
 beforehand) and restarts meshfit's clock. Each printed rate is total steps / total time over
 all segments; the ratio is the median of the segments' paired ratios.
 
-    python benchmarks/overhead.py [--segments 30]
+    python benchmarks/overhead.py [--segments 60]
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def compare(sizes, batch_size, segment, segments, root, warmup=20, **engine_kwar
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--segments", type=int, default=30, help="alternations per case")
+    parser.add_argument("--segments", type=int, default=60, help="alternations per case")
     args = parser.parse_args()
     print(f"jax {jax.__version__}, {jax.devices()[0].platform} x {jax.device_count()}")
     # segments: multiples of log_every_n_steps (50), so each holds the same metric reads

@@ -44,6 +44,7 @@ def fit_loop(engine: Engine, train_loader: Any, val_loader: Any) -> None:
             engine._state = None
             window.add(outputs)
             in_flight.add(outputs)
+            window.settle(keep=in_flight.limit)  # older steps are done: read them now
             engine.timings.switch("data")
             engine.global_step += 1
             engine.batch_idx += 1
@@ -115,6 +116,7 @@ def validation_pass(engine: Engine, loader: Any) -> dict[str, float]:
         outputs = engine._eval_step(engine.state.params, engine.state.rest, batch)
         window.add(outputs, weight=rows)
         in_flight.add(outputs)
+        window.settle(keep=in_flight.limit)
     metrics = window.compute() if len(window) else {}
     engine.callback_metrics.update(metrics)
     if metrics:

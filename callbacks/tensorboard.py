@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from meshfit.callbacks.base import Callback
 
@@ -26,6 +26,10 @@ class TensorBoardLogger(Callback):
     """Writes every logged metric at the log cadence (and after validation) as a scalar,
     keyed by the optimizer step, plus the run's hyperparameters.
 
+    A log is written at the next step's `on_train_batch_end` (tensorboardX takes ~0.2 ms a
+    scalar; right after a metric read the device would wait for it), or at the end of a
+    validation, epoch or fit.
+
     Logs go to `save_dir/version_N` (default `<default_root_dir>/tensorboard`); see them with
     `tensorboard --logdir runs/tensorboard`.
     """
@@ -34,6 +38,7 @@ class TensorBoardLogger(Callback):
         self.save_dir, self.flush_secs = save_dir, flush_secs
         self.log_dir: str | None = None
         self.writer = None
+        self._pending: list[tuple[int, dict[str, float]]] = []
 
     def on_fit_start(self, engine: Engine) -> None:
         if not engine.is_global_zero or self.writer is not None:
@@ -54,10 +59,29 @@ class TensorBoardLogger(Callback):
 
     def on_log(self, engine: Engine, metrics: dict[str, float]) -> None:
         if self.writer is not None:
+            self._pending.append((engine.global_step, metrics))
+
+    def on_train_batch_end(self, engine: Engine, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._pending and self._pending[-1][0] < engine.global_step:
+            self._write()  # the step after the log is running: the host has time
+
+    def on_validation_end(self, engine: Engine) -> None:
+        self._write()
+
+    def on_train_epoch_end(self, engine: Engine) -> None:
+        self._write()
+
+    def on_fit_end(self, engine: Engine) -> None:
+        self._write()
+
+    def _write(self) -> None:
+        for step, metrics in self._pending:
             for name, value in metrics.items():
-                self.writer.add_scalar(name, value, engine.global_step)
+                self.writer.add_scalar(name, value, step)
+        self._pending.clear()
 
     def teardown(self, engine: Engine) -> None:
         if self.writer is not None:
+            self._write()
             self.writer.close()
             self.writer = None

@@ -266,15 +266,36 @@ class Placer:
             arrays = jax.device_put(leaves, shardings)
         return jax.tree.unflatten(treedef, arrays)
 
-    def prefetch(self, batches: Iterable[HostBatch], depth: int = 2) -> Iterator[tuple[Any, int]]:
-        """Yield (device batch, global rows), keeping `depth` batches already transferred."""
-        queue: collections.deque = collections.deque()
-        for batch in batches:
-            queue.append((self.place(batch), batch.global_size))
-            if len(queue) > depth:
-                yield queue.popleft()
-        while queue:
-            yield queue.popleft()
+    def prefetch(self, batches: Iterable[HostBatch], depth: int = 2) -> Prefetcher:
+        """Iterate (device batch, global rows), keeping `depth` batches already transferred."""
+        return Prefetcher(self, batches, depth)
+
+
+class Prefetcher:
+    """Batches transferred `depth` steps ahead. The loop calls `refill` right after dispatching a
+    step, so preparing and transferring the next batch overlaps the device's work; taking a
+    batch is then only a pop, even right after the host waited for the device (a metric read)."""
+
+    def __init__(self, placer: Placer, batches: Iterable[HostBatch], depth: int):
+        self.placer, self.source, self.depth = placer, iter(batches), depth
+        self.queue: collections.deque = collections.deque()
+
+    def __iter__(self) -> Prefetcher:
+        return self
+
+    def __next__(self) -> tuple[Any, int]:
+        if not self.queue:
+            self.refill()
+        if not self.queue:
+            raise StopIteration
+        return self.queue.popleft()
+
+    def refill(self) -> None:
+        while len(self.queue) < self.depth:
+            batch = next(self.source, None)
+            if batch is None:
+                return
+            self.queue.append((self.placer.place(batch), batch.global_size))
 
 
 def _num_shards(sharding: NamedSharding) -> int:

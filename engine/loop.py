@@ -35,13 +35,16 @@ def fit_loop(engine: Engine, train_loader: Any, val_loader: Any) -> None:
                 engine.current_epoch, engine.batch_idx, engine._placer.rows_for
             )
         exhausted, epoch_start = True, engine.batch_idx
-        for batch, _rows in engine._placer.prefetch(batches):
+        on_device = engine._placer.prefetch(batches)
+        for batch, _rows in on_device:
             if batch_hooks:
                 engine._call("on_train_batch_start", batch, engine.batch_idx)
             engine.timings.begin_step()
             # the state as flat leaves: `engine.state` is rebuilt only if something reads it
             engine._leaves, outputs = step(engine._state_leaves(), batch)
             engine._state = None
+            with engine.timings.phase("data"):
+                on_device.refill()  # the next batch's transfer overlaps this step
             window.add(outputs)
             in_flight.add(outputs)
             window.settle(keep=in_flight.limit)  # older steps are done: read them now
@@ -112,8 +115,10 @@ def validation_pass(engine: Engine, loader: Any) -> dict[str, float]:
     engine._call("on_validation_start")
     window = MetricWindow(engine._val_meta)
     in_flight = InFlight(engine.max_in_flight)
-    for batch, rows in engine._placer.prefetch(loader.epoch(0, 0, engine._placer.rows_for)):
+    on_device = engine._placer.prefetch(loader.epoch(0, 0, engine._placer.rows_for))
+    for batch, rows in on_device:
         outputs = engine._eval_step(engine.state.params, engine.state.rest, batch)
+        on_device.refill()
         window.add(outputs, weight=rows)
         in_flight.add(outputs)
         window.settle(keep=in_flight.limit)

@@ -46,7 +46,10 @@ class Engine:
         enable_progress_bar / logger: turn the default progress bar / TensorBoard logger off.
         precision: "fp32", "bf16" or "fp16" compute dtype; master parameters stay float32.
         gradient_clip_val / gradient_clip_algorithm: clip by global "norm" or by "value".
-        max_in_flight: steps dispatched ahead of the host (bounds memory and the CPU queue).
+        max_in_flight: steps dispatched ahead of the host. Default: 2 (bounds device memory, as
+            each queued step holds its batch, and avoids the XLA:CPU stall of long multi-device
+            queues); on a single CPU device, up to the next metric read (at most 64), since
+            there every wait for the device costs compute (host and device share the cores).
         nan_guard: on a non-finite loss, skip the update and "error" (stop, naming the step) or
             "warn"; False turns the check off. Inactive with DynamicLossScaling (it skips).
         enable_model_summary: print the ModelSummary table at fit start (process 0).
@@ -69,7 +72,7 @@ class Engine:
         precision: str = "fp32",
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str = "norm",
-        max_in_flight: int = 2,
+        max_in_flight: int | None = None,
         nan_guard: str | bool = "error",
         enable_model_summary: bool = True,
     ):
@@ -93,7 +96,7 @@ class Engine:
         for name, value in (
             ("batch_size", batch_size),
             ("log_every_n_steps", log_every_n_steps),
-            ("max_in_flight", max_in_flight),
+            ("max_in_flight", 1 if max_in_flight is None else max_in_flight),
         ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")

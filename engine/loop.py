@@ -21,7 +21,7 @@ def fit_loop(engine: Engine, train_loader: Any, val_loader: Any) -> None:
     """Epochs of steps until max_epochs / max_steps / should_stop, from the engine's data
     position: one dispatch per step, metrics read at the log cadence, hooks in documented order."""
     window = engine._train_window
-    in_flight = InFlight(engine.max_in_flight)
+    in_flight = InFlight(in_flight_limit(engine))
     batch_hooks = bool(engine._hooks["on_train_batch_start"] or engine._hooks["on_train_batch_end"])
     step = engine._train_step
     engine.timings.start()  # phases: waiting for data until the step is dispatched
@@ -47,7 +47,7 @@ def fit_loop(engine: Engine, train_loader: Any, val_loader: Any) -> None:
                 on_device.refill()  # the next batch's transfer overlaps this step
             window.add(outputs)
             in_flight.add(outputs)
-            window.settle(keep=in_flight.limit)  # older steps are done: read them now
+            window.settle()  # read the steps already finished, while the device runs on
             engine.timings.switch("data")
             engine.global_step += 1
             engine.batch_idx += 1
@@ -114,14 +114,14 @@ def validation_pass(engine: Engine, loader: Any) -> dict[str, float]:
     resume = engine.timings.switch("validation")
     engine._call("on_validation_start")
     window = MetricWindow(engine._val_meta)
-    in_flight = InFlight(engine.max_in_flight)
+    in_flight = InFlight(in_flight_limit(engine))
     on_device = engine._placer.prefetch(loader.epoch(0, 0, engine._placer.rows_for))
     for batch, rows in on_device:
         outputs = engine._eval_step(engine.state.params, engine.state.rest, batch)
         on_device.refill()
         window.add(outputs, weight=rows)
         in_flight.add(outputs)
-        window.settle(keep=in_flight.limit)
+        window.settle()
     metrics = window.compute() if len(window) else {}
     engine.callback_metrics.update(metrics)
     if metrics:
@@ -129,6 +129,18 @@ def validation_pass(engine: Engine, loader: Any) -> dict[str, float]:
     engine._call("on_validation_end")
     engine.timings.switch(resume)
     return metrics
+
+
+def in_flight_limit(engine: Engine) -> int:
+    """`max_in_flight`, or the default: 2, except on a single CPU device, where steps queue up
+    to the next metric read (at most 64). There each wait for the device costs compute, as host
+    and device share the cores: ~2.5% of a 17 ms step with 2 in flight; none unbounded."""
+    if engine.max_in_flight is not None:
+        return engine.max_in_flight
+    devices = engine.strategy.mesh.devices
+    if devices.size == 1 and devices.flat[0].platform == "cpu":
+        return max(2, min(engine.log_every_n_steps, 64))
+    return 2
 
 
 class InFlight:

@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from meshfit import Engine, TrainModule
+from meshfit.loop import in_flight_limit
 from tests.models import MLP, classification_data, quiet
 
 
@@ -177,3 +178,23 @@ def test_iterables_in_multi_process_runs_must_be_marked_per_process():
 
     with pytest.raises(TypeError, match=r"2 processes.*meshfit.PerProcess\(batches\)"):
         make_loader(iter([]), 8, train=True, seed=0, process_count=2, name="train_data")
+
+
+@pytest.mark.parametrize(
+    ("strategy", "max_in_flight", "expected"),
+    [("single", None, 10), ("dp", None, 2), ("single", 3, 3)],
+)
+def test_steps_in_flight_default_by_placement(strategy, max_in_flight, expected):
+    """One CPU device: steps queue up to the next metric read (a wait there costs compute);
+    several devices: 2 (the XLA:CPU collective stall, device memory); an explicit bound wins."""
+    engine = Engine(
+        strategy,
+        max_steps=20,
+        batch_size=64,
+        log_every_n_steps=10,
+        max_in_flight=max_in_flight,
+        **quiet(),
+    )
+    engine.fit(MLP(nnx.Rngs(0)), classification_data(n=256))
+    assert in_flight_limit(engine) == expected
+    assert np.isfinite(engine.callback_metrics["loss"])

@@ -17,7 +17,7 @@ def filled(settle_every: int | None) -> MetricWindow:
             step["n"] = jnp.int32(i)  # logged on some steps only
         window.add(step, weight=1.0 + i % 3)
         if settle_every and i % settle_every == 0:
-            window.settle(keep=2)
+            window.settle()
     return window
 
 
@@ -35,5 +35,5 @@ def test_settled_and_unsettled_windows_reduce_alike(settle_every):
     assert len(window) == 0 and window.compute() == {}
     # the window starts over cleanly after a read
     window.add({"loss": jnp.float32(4.0)})
-    window.settle(keep=0)
+    window.settle()
     assert window.compute() == {"loss": 4.0}

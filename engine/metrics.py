@@ -15,8 +15,9 @@ class MetricWindow:
     """Holds the metric scalars of the steps since the last log; `compute` combines them.
 
     Adding is free (no device sync); `settle` reads finished steps as the loop goes, so the
-    read at the log (where the device waits for the host) touches only the newest few. Each metric is combined across steps with its own
-    `reduce` (mean weighted by `weight`, e.g. the batch size; sum; max; min).
+    read at the log (where the device waits for the host) touches only the newest few. Each
+    metric is combined across steps with its own `reduce` (mean weighted by `weight`, e.g. the
+    batch size; sum; max; min), in float64.
     """
 
     def __init__(self, meta: dict[str, MetricMeta]):
@@ -56,10 +57,12 @@ class MetricWindow:
             ]
             reduce = self.meta.get(name, MetricMeta()).reduce
             if reduce == "mean":
-                total = math.fsum(w for _, w in pairs)
-                out[name] = math.fsum(v * w for v, w in pairs) / total
+                total = sum(w for _, w in pairs)
+                out[name] = sum(v * w for v, w in pairs) / total
+            elif any(math.isnan(v) for v, _ in pairs):  # as NumPy: a nan wins max and min
+                out[name] = math.nan
             else:
-                out[name] = {"sum": math.fsum, "max": max, "min": min}[reduce](v for v, _ in pairs)
+                out[name] = {"sum": sum, "max": max, "min": min}[reduce](v for v, _ in pairs)
         return out
 
 

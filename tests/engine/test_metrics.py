@@ -1,6 +1,7 @@
 """MetricWindow: reading finished steps early (`settle`) gives the same reduced values."""
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from meshfit.metrics import MetricWindow
@@ -37,3 +38,10 @@ def test_settled_and_unsettled_windows_reduce_alike(settle_every):
     window.add({"loss": jnp.float32(4.0)})
     window.settle()
     assert window.compute() == {"loss": 4.0}
+
+
+def test_non_finite_values_propagate():
+    window = MetricWindow(META)
+    for value in (1.0, float("inf"), -float("inf"), float("nan")):
+        window.add({"loss": jnp.float32(value), "top": jnp.float32(value)})
+    assert all(np.isnan(v) for v in window.compute().values())

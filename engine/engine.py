@@ -24,7 +24,7 @@ from meshfit.metrics import MetricWindow
 from meshfit.module import MetricMeta, overrides
 from meshfit.plan import ModuleOrFactory, StatePlan, build_state, jit_train_step, plan_state
 from meshfit.preemption import PreemptionWatcher
-from meshfit.state import TrainState
+from meshfit.state import TrainState, tree_bytes
 from meshfit.step import PRECISIONS, make_eval_step, split_module
 from meshfit.strategies import Strategy, available_strategies, resolve_strategy
 from meshfit.timing import PhaseTimer
@@ -48,7 +48,8 @@ class Engine:
         gradient_clip_val / gradient_clip_algorithm: clip by global "norm" or by "value".
         max_in_flight: steps dispatched ahead of the host. Default: 2 (bounds device memory, as
             each queued step holds its batch, and avoids the XLA:CPU stall of long multi-device
-            queues); on a single CPU device, up to the next metric read (at most 64), since
+            queues); on a single CPU device, up to the next metric read (at most 64 steps and
+            256 MiB of batches), since
             there every wait for the device costs compute (host and device share the cores).
         nan_guard: on a non-finite loss, skip the update and "error" (stop, naming the step) or
             "warn"; False turns the check off. Inactive with DynamicLossScaling (it skips).
@@ -132,6 +133,7 @@ class Engine:
             gradient_clip_algorithm,
         )
         self.max_in_flight = max_in_flight
+        self._batch_bytes = 0  # of one global batch, once fit has seen it
         self.callbacks = self._default_callbacks(list(callbacks or []), enable_progress_bar, logger)
         self.callbacks += default_nan_guard(nan_guard, self.callbacks)
         self.callbacks += default_model_summary(enable_model_summary, self.callbacks)
@@ -307,6 +309,7 @@ class Engine:
         self._placer = Placer(strategy.batch_sharding, strategy.replicated())
 
         batch_example = self._example_batch(train_loader)
+        self._batch_bytes = tree_bytes(batch_example)  # bounds the batches queued in flight
         self._train_step = jit_train_step(
             plan, strategy, self.transforms, self.metric_meta, self.precision, batch_example
         )

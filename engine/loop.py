@@ -131,15 +131,20 @@ def validation_pass(engine: Engine, loader: Any) -> dict[str, float]:
     return metrics
 
 
+QUEUED_BATCH_BYTES = 256 * 2**20  # what steps queued on one CPU device may hold in batches
+
+
 def in_flight_limit(engine: Engine) -> int:
     """`max_in_flight`, or the default: 2, except on a single CPU device, where steps queue up
-    to the next metric read (at most 64). There each wait for the device costs compute, as host
-    and device share the cores: ~2.5% of a 17 ms step with 2 in flight; none unbounded."""
+    to the next metric read (at most 64, and 256 MiB of batches). There each wait for the
+    device costs compute, as host and device share the cores: ~2.5% of a 17 ms step with 2 in
+    flight, none when the host waits only at metric reads."""
     if engine.max_in_flight is not None:
         return engine.max_in_flight
     devices = engine.strategy.mesh.devices
     if devices.size == 1 and devices.flat[0].platform == "cpu":
-        return max(2, min(engine.log_every_n_steps, 64))
+        by_memory = QUEUED_BATCH_BYTES // max(engine._batch_bytes, 1)
+        return max(2, min(engine.log_every_n_steps, 64, by_memory))
     return 2
 
 

@@ -6,6 +6,7 @@ import optax
 import pytest
 from flax import nnx
 
+import meshfit.loop
 from meshfit import Engine, TrainModule
 from meshfit.loop import in_flight_limit
 from tests.models import MLP, classification_data, quiet
@@ -181,12 +182,22 @@ def test_iterables_in_multi_process_runs_must_be_marked_per_process():
 
 
 @pytest.mark.parametrize(
-    ("strategy", "max_in_flight", "expected"),
-    [("single", None, 10), ("dp", None, 2), ("single", 3, 3)],
+    ("strategy", "max_in_flight", "budget", "expected"),
+    [
+        ("single", None, None, 10),
+        ("single", None, 4 * 64 * (16 * 4 + 4), 4),  # 4 batches: 64 rows x (16 f32 + 1 i32)
+        ("dp", None, None, 2),
+        ("single", 3, None, 3),
+    ],
 )
-def test_steps_in_flight_default_by_placement(strategy, max_in_flight, expected):
-    """One CPU device: steps queue up to the next metric read (a wait there costs compute);
-    several devices: 2 (the XLA:CPU collective stall, device memory); an explicit bound wins."""
+def test_steps_in_flight_default_by_placement(
+    strategy, max_in_flight, budget, expected, monkeypatch
+):
+    """One CPU device: steps queue up to the next metric read (a wait there costs compute), as
+    far as the batches' memory budget allows; several devices: 2 (the XLA:CPU collective stall,
+    device memory); an explicit bound wins."""
+    if budget is not None:
+        monkeypatch.setattr(meshfit.loop, "QUEUED_BATCH_BYTES", budget)
     engine = Engine(
         strategy,
         max_steps=20,

@@ -49,8 +49,7 @@ class Engine:
         max_in_flight: steps dispatched ahead of the host. Default: 2 (bounds device memory, as
             each queued step holds its batch, and avoids the XLA:CPU stall of long multi-device
             queues); on a single CPU device, up to the next metric read (at most 64 steps and
-            256 MiB of batches), since
-            there every wait for the device costs compute (host and device share the cores).
+            256 MiB of batches), since there every wait for the device costs compute.
         nan_guard: on a non-finite loss, skip the update and "error" (stop, naming the step) or
             "warn"; False turns the check off. Inactive with DynamicLossScaling (it skips).
         enable_model_summary: print the ModelSummary table at fit start (process 0).

@@ -34,8 +34,8 @@ from overhead import MLP  # the same model as the overhead benchmark (benchmarks
 
 from meshfit import Engine
 from meshfit.callbacks import Callback, ModelCheckpoint
-from meshfit.checkpoint import CheckpointWriter
-from meshfit.state import tree_bytes
+from meshfit.engine.checkpoint.format import CheckpointWriter
+from meshfit.engine.state import tree_bytes
 
 
 class Windows(Callback):

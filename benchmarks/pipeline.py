@@ -43,7 +43,7 @@ from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from meshfit import Stack  # noqa: E402
-from meshfit.stack import scan_layers  # noqa: E402
+from meshfit.engine.stack import scan_layers  # noqa: E402
 from meshfit.strategies.pipeline import bubble_fraction, pipeline_apply, schedule_ticks  # noqa: E402
 
 

@@ -1,7 +1,6 @@
 """Callbacks: host hooks around the loop, and in-step transforms that compose into the step."""
 
 from meshfit.callbacks.accumulation import GradientAccumulation
-from meshfit.callbacks.base import Callback, StepTransform, all_finite
 from meshfit.callbacks.checkpoint import ModelCheckpoint
 from meshfit.callbacks.device_stats import DeviceStatsMonitor
 from meshfit.callbacks.early_stopping import EarlyStopping
@@ -13,6 +12,7 @@ from meshfit.callbacks.progress import ProgressBar
 from meshfit.callbacks.summary import ModelSummary
 from meshfit.callbacks.tensorboard import TensorBoardLogger
 from meshfit.callbacks.throughput import Throughput
+from meshfit.engine.hooks import Callback, StepTransform, all_finite
 
 __all__ = [
     "Callback",

@@ -22,12 +22,12 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from meshfit.callbacks.base import GradFn, StepTransform
-from meshfit.data import MicroBatches
-from meshfit.module import MetricMeta
+from meshfit.engine.data import MicroBatches
+from meshfit.engine.hooks import GradFn, StepTransform
+from meshfit.engine.module import MetricMeta
 
 if TYPE_CHECKING:
-    from meshfit.engine import Engine
+    from meshfit.engine.engine import Engine
 
 
 class GradientAccumulation(StepTransform):

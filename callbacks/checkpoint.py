@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 
-from meshfit.callbacks.base import Callback
-from meshfit.checkpoint import CheckpointWriter, default_dir
+from meshfit.engine.checkpoint.format import CheckpointWriter, default_dir
+from meshfit.engine.hooks import Callback
 
 if TYPE_CHECKING:
-    from meshfit.engine import Engine
+    from meshfit.engine.engine import Engine
 
 MODES = ("min", "max")
 _VAL_NAMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 
-from meshfit.callbacks.base import Callback
+from meshfit.engine.hooks import Callback
 
 if TYPE_CHECKING:
-    from meshfit.engine import Engine
+    from meshfit.engine.engine import Engine
 
 #: `memory_stats()` entries logged, and the metric suffix each is logged under.
 STATS = {"bytes_in_use": "bytes_in_use", "peak_bytes_in_use": "peak_bytes_in_use"}

@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from meshfit.callbacks.base import Callback
 from meshfit.callbacks.checkpoint import MODES, metric_source
+from meshfit.engine.hooks import Callback
 
 if TYPE_CHECKING:
-    from meshfit.engine import Engine
+    from meshfit.engine.engine import Engine
 
 
 class EarlyStopping(Callback):

@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any
 import jax
 import jax.numpy as jnp
 
-from meshfit.callbacks.base import StepTransform, all_finite
-from meshfit.module import MetricMeta
+from meshfit.engine.hooks import StepTransform, all_finite
+from meshfit.engine.module import MetricMeta
 
 if TYPE_CHECKING:
-    from meshfit.engine import Engine
+    from meshfit.engine.engine import Engine
 
 
 class DynamicLossScaling(StepTransform):

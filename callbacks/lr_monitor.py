@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, Any
 import jax
 from optax.schedules import InjectHyperparamsState, InjectStatefulHyperparamsState
 
-from meshfit.callbacks.base import Callback
+from meshfit.engine.hooks import Callback
 
 if TYPE_CHECKING:
-    from meshfit.engine import Engine
+    from meshfit.engine.engine import Engine
 
 
 def _is_injected(node: Any) -> bool:

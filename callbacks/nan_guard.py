@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any
 import jax
 import jax.numpy as jnp
 
-from meshfit.callbacks.base import Callback, StepTransform, all_finite
+from meshfit.engine.hooks import Callback, StepTransform, all_finite
 
 if TYPE_CHECKING:
-    from meshfit.engine import Engine
+    from meshfit.engine.engine import Engine
 
 NAN_GUARD_MODES = ("error", "warn", False)
 

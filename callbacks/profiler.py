@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 
-from meshfit.callbacks.base import Callback
+from meshfit.engine.hooks import Callback
 
 if TYPE_CHECKING:
-    from meshfit.engine import Engine
+    from meshfit.engine.engine import Engine
 
 
 def _non_negative_int(name: str, value: Any, minimum: int) -> int:

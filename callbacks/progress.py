@@ -6,10 +6,10 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from meshfit.callbacks.base import Callback
+from meshfit.engine.hooks import Callback
 
 if TYPE_CHECKING:
-    from meshfit.engine import Engine
+    from meshfit.engine.engine import Engine
 
 
 def _fmt(value: float) -> str:

@@ -14,8 +14,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from meshfit.callbacks.base import Callback
-from meshfit.hardware import format_bytes
+from meshfit.engine.hardware import format_bytes
+from meshfit.engine.hooks import Callback
 
 
 def _path(keypath: tuple) -> str:

@@ -6,10 +6,10 @@ import os
 import re
 from typing import TYPE_CHECKING, Any
 
-from meshfit.callbacks.base import Callback
+from meshfit.engine.hooks import Callback
 
 if TYPE_CHECKING:
-    from meshfit.engine import Engine
+    from meshfit.engine.engine import Engine
 
 
 def next_version_dir(root: str) -> str:

@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 
-from meshfit.callbacks.base import Callback
+from meshfit.engine.hooks import Callback
 
 if TYPE_CHECKING:
-    from meshfit.engine import Engine
+    from meshfit.engine.engine import Engine
 
 #: Dense peak FLOP/s per chip: (substring of `device.device_kind`, lowercase; bf16/fp16 peak;
 #: fp32 peak: TF32 tensor cores on NVIDIA, bf16 passes on TPU). First match wins.

@@ -1,30 +1,6 @@
-"""meshfit: a Lightning-style, callback-based training engine for JAX."""
+"""The engine's core: the module contract, the train state, the step, the run and its loop,
+checkpoints and processes. Public names are re-exported by the top-level `meshfit` package."""
 
-from meshfit.batch_size import BatchSizeEstimate, find_batch_size
-from meshfit.checkpoint import CheckpointError
-from meshfit.data import PerProcess
-from meshfit.engine import Engine
-from meshfit.hardware import hardware_info, hardware_report
-from meshfit.module import TrainModule
-from meshfit.preemption import PREEMPTED_EXIT_CODE, Preempted
-from meshfit.restore import load_weights, save_weights
-from meshfit.stack import Stack
-from meshfit.state import TrainState
+from meshfit.engine.engine import Engine
 
-__all__ = [
-    "PREEMPTED_EXIT_CODE",
-    "BatchSizeEstimate",
-    "CheckpointError",
-    "Engine",
-    "PerProcess",
-    "Preempted",
-    "Stack",
-    "TrainModule",
-    "TrainState",
-    "find_batch_size",
-    "hardware_info",
-    "hardware_report",
-    "load_weights",
-    "save_weights",
-]
-__version__ = "0.1.0"
+__all__ = ["Engine"]

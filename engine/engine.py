@@ -13,21 +13,29 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from meshfit import checkpoint, distributed, restore
-from meshfit.callbacks.base import Callback, StepTransform, overridden_hooks
 from meshfit.callbacks.nan_guard import default_nan_guard
 from meshfit.callbacks.summary import default_model_summary
-from meshfit.data import Placer, make_loader
-from meshfit.hardware import print_hardware_report
-from meshfit.loop import fit_loop, validation_pass
-from meshfit.metrics import MetricWindow
-from meshfit.module import MetricMeta, overrides
-from meshfit.plan import ModuleOrFactory, StatePlan, build_state, jit_train_step, plan_state
-from meshfit.preemption import PreemptionWatcher
-from meshfit.state import TrainState, tree_bytes
-from meshfit.step import PRECISIONS, make_eval_step, split_module
+from meshfit.engine.checkpoint import format as checkpoint
+from meshfit.engine.checkpoint import restore
+from meshfit.engine.checkpoint.preemption import PreemptionWatcher
+from meshfit.engine.data import Placer, make_loader
+from meshfit.engine.hardware import print_hardware_report
+from meshfit.engine.hooks import Callback, StepTransform, overridden_hooks
+from meshfit.engine.module import MetricMeta, overrides
+from meshfit.engine.processes import distributed
+from meshfit.engine.run.loop import fit_loop, validation_pass
+from meshfit.engine.run.metrics import MetricWindow
+from meshfit.engine.run.timing import PhaseTimer
+from meshfit.engine.state import TrainState, tree_bytes
+from meshfit.engine.step.build import PRECISIONS, make_eval_step, split_module
+from meshfit.engine.step.plan import (
+    ModuleOrFactory,
+    StatePlan,
+    build_state,
+    jit_train_step,
+    plan_state,
+)
 from meshfit.strategies import Strategy, available_strategies, resolve_strategy
-from meshfit.timing import PhaseTimer
 
 
 class Engine:

@@ -29,14 +29,14 @@ def _bytes(tree: Any) -> int:
 
 
 def _fmt(n: float) -> str:
-    from meshfit.hardware import format_bytes
+    from meshfit.engine.hardware import format_bytes
 
     return format_bytes(n)
 
 
 def device_memory_limit(devices: Sequence[Any]) -> int | None:
     """The smallest per-device memory over `devices`, or None where the platform reports none."""
-    from meshfit.hardware import device_memory
+    from meshfit.engine.hardware import device_memory
 
     limits = [device_memory(d) for d in devices]
     return None if not limits or None in limits else min(limits)

@@ -29,7 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from meshfit.stack import Stack, scan_layers, stack_executor, stack_size
+from meshfit.engine.stack import Stack, scan_layers, stack_executor, stack_size
 from meshfit.strategies.base import Strategy, make_mesh, nearest_multiples
 
 SCHEDULES = ("gpipe", "circular")

@@ -8,7 +8,7 @@ from flax import nnx
 
 from meshfit import Engine
 from meshfit.callbacks import Callback, DynamicLossScaling, GradientAccumulation
-from meshfit.data import ArrayLoader, MicroBatches, make_loader
+from meshfit.engine.data import ArrayLoader, MicroBatches, make_loader
 from meshfit.strategies import available_strategies
 from tests.engine.test_clipping import STRATEGIES, Deep
 from tests.models import MLP, classification_data, quiet

@@ -8,8 +8,9 @@ import pytest
 from flax import nnx
 from tensorboardX.proto import event_pb2
 
-from meshfit import Engine, distributed
+from meshfit import Engine
 from meshfit.callbacks import ProgressBar, TensorBoardLogger
+from meshfit.engine.processes import distributed
 from tests.models import MLP, classification_data
 
 

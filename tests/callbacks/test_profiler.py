@@ -10,7 +10,7 @@ from flax import nnx
 
 from meshfit import Engine
 from meshfit.callbacks import Callback, Profiler, TensorBoardLogger
-from meshfit.timing import PhaseTimer
+from meshfit.engine.run.timing import PhaseTimer
 from tests.models import MLP, classification_data, quiet
 
 

@@ -5,7 +5,7 @@ from flax import nnx
 
 from meshfit import Engine, hardware_info, hardware_report
 from meshfit.callbacks import ModelSummary
-from meshfit.hardware import format_bytes
+from meshfit.engine.hardware import format_bytes
 from meshfit.strategies import FSDP
 from tests.models import MLP, classification_data, quiet
 

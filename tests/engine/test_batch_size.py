@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from meshfit import BatchSizeEstimate, Engine, find_batch_size
-from meshfit.batch_size import search_largest, step_bytes
+from meshfit.engine.step.batch_size import search_largest, step_bytes
 from tests.models import MLP, classification_data, quiet
 
 DATA = classification_data(n=256, features=32)

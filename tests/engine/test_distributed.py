@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from meshfit import distributed
+from meshfit.engine.processes import distributed
 from meshfit.strategies import available_strategies
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

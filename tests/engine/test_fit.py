@@ -6,9 +6,9 @@ import optax
 import pytest
 from flax import nnx
 
-import meshfit.loop
+import meshfit.engine.run.loop
 from meshfit import Engine, TrainModule
-from meshfit.loop import in_flight_limit
+from meshfit.engine.run.loop import in_flight_limit
 from tests.models import MLP, classification_data, quiet
 
 
@@ -117,7 +117,7 @@ def test_training_order_depends_only_on_seed_and_epoch():
         engine = Engine(
             strategy=strategy, max_epochs=1, batch_size=bs, log_every_n_steps=1, seed=3, **quiet()
         )
-        from meshfit.data import ArrayLoader
+        from meshfit.engine.data import ArrayLoader
 
         loader = ArrayLoader((idx,), bs, shuffle=True, drop_last=True, seed=3, name="x")
         order = np.concatenate([b.local[0] for b in loader.epoch(0)])
@@ -157,7 +157,7 @@ def test_dropout_and_batchnorm_state_is_carried_forward():
 
 
 def test_iterable_of_batches_matches_the_same_batches_from_arrays():
-    from meshfit.data import ArrayLoader
+    from meshfit.engine.data import ArrayLoader
 
     x, y = classification_data(n=256)
     loader = ArrayLoader((x, y), 64, shuffle=True, drop_last=True, seed=0, name="x")
@@ -175,7 +175,7 @@ def test_iterable_of_batches_matches_the_same_batches_from_arrays():
 
 
 def test_iterables_in_multi_process_runs_must_be_marked_per_process():
-    from meshfit.data import make_loader
+    from meshfit.engine.data import make_loader
 
     with pytest.raises(TypeError, match=r"2 processes.*meshfit.PerProcess\(batches\)"):
         make_loader(iter([]), 8, train=True, seed=0, process_count=2, name="train_data")
@@ -197,7 +197,7 @@ def test_steps_in_flight_default_by_placement(
     far as the batches' memory budget allows; several devices: 2 (the XLA:CPU collective stall,
     device memory); an explicit bound wins."""
     if budget is not None:
-        monkeypatch.setattr(meshfit.loop, "QUEUED_BATCH_BYTES", budget)
+        monkeypatch.setattr(meshfit.engine.run.loop, "QUEUED_BATCH_BYTES", budget)
     engine = Engine(
         strategy,
         max_steps=20,

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from meshfit.metrics import MetricWindow
-from meshfit.module import MetricMeta
+from meshfit.engine.module import MetricMeta
+from meshfit.engine.run.metrics import MetricWindow
 
 META = {"loss": MetricMeta("mean"), "top": MetricMeta("max"), "n": MetricMeta("sum")}
 

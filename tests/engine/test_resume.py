@@ -241,7 +241,7 @@ def test_two_processes_agree_on_preemption_and_save_one_checkpoint(tmp_path):
 
 
 def test_signal_handler_only_sets_a_flag_and_is_removed_after_fit():
-    from meshfit.preemption import PreemptionWatcher
+    from meshfit.engine.checkpoint.preemption import PreemptionWatcher
 
     before = signal.getsignal(signal.SIGUSR1)
     watcher = PreemptionWatcher().install()

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from meshfit import Engine, Stack, TrainModule
-from meshfit.stack import STACK_METADATA, stack_executor
+from meshfit.engine.stack import STACK_METADATA, stack_executor
 from tests.models import quiet
 
 CALLS = []

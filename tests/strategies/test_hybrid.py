@@ -8,7 +8,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from meshfit import Engine, TrainModule
-from meshfit.state import max_device_bytes, tree_bytes
+from meshfit.engine.state import max_device_bytes, tree_bytes
 from meshfit.strategies import Hybrid, resolve_strategy
 from tests.models import MLP, classification_data, quiet
 

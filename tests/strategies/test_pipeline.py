@@ -11,7 +11,7 @@ from flax import nnx
 from jax.sharding import AxisType
 
 from meshfit import Engine, Stack, TrainModule
-from meshfit.state import max_device_bytes, tree_bytes
+from meshfit.engine.state import max_device_bytes, tree_bytes
 from meshfit.strategies import Pipeline
 from meshfit.strategies.pipeline import bubble_fraction, pipeline_apply
 from tests.models import MLP, classification_data, quiet

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from meshfit import distributed
+from meshfit.engine.processes import distributed
 
 if TYPE_CHECKING:
-    from meshfit.engine import Engine
+    from meshfit.engine.engine import Engine
 
 #: Exit status after a preemption checkpoint: 75 is EX_TEMPFAIL ("try again later") in
 #: sysexits.h. A launcher that sees 75 should requeue the job; the job resumes with
@@ -77,7 +77,7 @@ class PreemptionWatcher:
 
 def checkpoint_and_exit(engine: Engine) -> None:
     """Save a complete checkpoint at the current step boundary, then raise `Preempted`."""
-    from meshfit.checkpoint import CheckpointWriter, default_dir
+    from meshfit.engine.checkpoint.format import CheckpointWriter, default_dir
 
     for cb in engine.callbacks:
         if hasattr(cb, "save_for_preemption"):

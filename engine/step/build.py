@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from meshfit.callbacks.base import StepTransform
-from meshfit.module import MetricMeta, log_scope
-from meshfit.state import TrainState
+from meshfit.engine.hooks import StepTransform
+from meshfit.engine.module import MetricMeta, log_scope
+from meshfit.engine.state import TrainState
 
 PRECISIONS = {"fp32": None, "32": None, "bf16": jnp.bfloat16, "fp16": jnp.float16}
 

@@ -11,7 +11,7 @@ import runpy
 import sys
 import traceback
 
-from meshfit import distributed
+from meshfit.engine.processes import distributed
 
 
 def main() -> None:

@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 
-from meshfit import preemption
-from meshfit.metrics import MetricWindow
+from meshfit.engine.checkpoint import preemption
+from meshfit.engine.run.metrics import MetricWindow
 
 if TYPE_CHECKING:
-    from meshfit.engine import Engine
+    from meshfit.engine.engine import Engine
 
 
 def fit_loop(engine: Engine, train_loader: Any, val_loader: Any) -> None:

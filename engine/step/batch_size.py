@@ -13,8 +13,8 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from meshfit.data import make_loader
-from meshfit.plan import jit_train_step
+from meshfit.engine.data import make_loader
+from meshfit.engine.step.plan import jit_train_step
 
 
 class BatchSizeEstimate(NamedTuple):
@@ -123,7 +123,7 @@ def find_batch_size(
         engine_kwargs: other `Engine` arguments that change the step (devices, precision,
             callbacks with in-step transforms, gradient_clip_val, ...).
     """
-    from meshfit.engine import Engine
+    from meshfit.engine.engine import Engine
 
     engine_kwargs.setdefault("enable_progress_bar", False)
     engine_kwargs.setdefault("logger", False)

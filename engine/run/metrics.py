@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from meshfit.module import MetricMeta
+from meshfit.engine.module import MetricMeta
 
 
 class MetricWindow:

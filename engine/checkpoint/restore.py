@@ -11,7 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from meshfit.checkpoint import (
+from meshfit.engine.checkpoint.format import (
     CheckpointError,
     _describe_signature,
     _is_step_dir,
@@ -26,10 +26,10 @@ from meshfit.checkpoint import (
     train_metadata,
     tree_mismatches,
 )
-from meshfit.state import TrainState
+from meshfit.engine.state import TrainState
 
 if TYPE_CHECKING:
-    from meshfit.engine import Engine
+    from meshfit.engine.engine import Engine
 
 
 # ---------------------------------------------------------------------------- restoring

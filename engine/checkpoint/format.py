@@ -22,10 +22,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint._src.checkpoint_managers import preservation_policy as ocp_keep
 
-from meshfit.state import TrainState
+from meshfit.engine.state import TrainState
 
 if TYPE_CHECKING:
-    from meshfit.engine import Engine
+    from meshfit.engine.engine import Engine
 
 FORMAT_VERSION = 2  # 1: `params` and `state` as separate array items
 ITEMS = ("train", "meta")

@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0 if argv else 2
     if argv[0] == "launch":
-        from meshfit.launch import main as launch
+        from meshfit.engine.processes.launch import main as launch
 
         return launch(argv[1:])
     print(f"meshfit: unknown command {argv[0]!r}; the only command is 'launch'.", file=sys.stderr)

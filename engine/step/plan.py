@@ -15,14 +15,14 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from meshfit.callbacks.base import StepTransform
-from meshfit.module import MetricMeta, overrides
-from meshfit.state import TrainState
-from meshfit.step import PRECISIONS, make_train_step, split_module
+from meshfit.engine.hooks import StepTransform
+from meshfit.engine.module import MetricMeta, overrides
+from meshfit.engine.state import TrainState
+from meshfit.engine.step.build import PRECISIONS, make_train_step, split_module
 from meshfit.strategies import Strategy
 
 if TYPE_CHECKING:
-    from meshfit.engine import Engine
+    from meshfit.engine.engine import Engine
 
 ModuleOrFactory = nnx.Module | Callable[[], nnx.Module]
 

@@ -22,8 +22,8 @@ import sys
 import threading
 import time
 
-from meshfit import distributed
-from meshfit.preemption import PREEMPTED_EXIT_CODE
+from meshfit.engine.checkpoint.preemption import PREEMPTED_EXIT_CODE
+from meshfit.engine.processes import distributed
 
 
 def free_port() -> int:
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.cpu_devices_per_process:
             env[distributed.ENV_CPU_DEVICES] = str(args.cpu_devices_per_process)
-        cmd = [sys.executable, "-m", "meshfit.bootstrap", args.script, *args.args]
+        cmd = [sys.executable, "-m", "meshfit.engine.processes.bootstrap", args.script, *args.args]
         p = subprocess.Popen(
             cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
         )

@@ -1,0 +1,1 @@
+"""Checkpoints: the on-disk format, saving, finding, restoring, and preemption."""

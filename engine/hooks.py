@@ -1,0 +1,136 @@
+"""Callback base classes: host hooks (`Callback`) and in-step transforms (`StepTransform`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+
+if TYPE_CHECKING:
+    from meshfit.engine.engine import Engine
+
+HOOKS = (
+    "setup",
+    "on_fit_start",
+    "on_train_epoch_start",
+    "on_train_batch_start",
+    "on_train_batch_end",
+    "on_log",
+    "on_validation_start",
+    "on_validation_end",
+    "on_train_epoch_end",
+    "on_fit_end",
+    "on_exception",
+    "teardown",
+)
+
+
+class Callback:
+    """Host-side hooks around the fit loop, each receiving the engine first.
+
+    Order within `Engine.fit`::
+
+        setup -> on_fit_start
+        for each epoch:
+            on_train_epoch_start
+            for each batch:
+                on_train_batch_start -> (compiled step) -> on_train_batch_end
+                on_log                                    (every log_every_n_steps)
+                on_validation_start -> on_validation_end  (every val_every_n_steps, if set)
+            on_validation_start -> on_validation_end      (end of epoch, by default)
+            on_train_epoch_end
+        on_fit_end
+        on_exception   (only when the loop raised)
+        teardown       (always, last)
+
+    Hooks run between steps in Python. They must not read device values (which waits for the
+    device) except at their own cadence: `outputs` in `on_train_batch_end` are device arrays.
+    Only the hooks a callback overrides are called.
+    """
+
+    def setup(self, engine: Engine) -> None: ...
+    def on_fit_start(self, engine: Engine) -> None: ...
+    def on_train_epoch_start(self, engine: Engine) -> None: ...
+    def on_train_batch_start(self, engine: Engine, batch: Any, batch_idx: int) -> None: ...
+    def on_train_batch_end(
+        self, engine: Engine, outputs: dict[str, jax.Array], batch: Any, batch_idx: int
+    ) -> None: ...
+    def on_log(self, engine: Engine, metrics: dict[str, float]) -> None:
+        """Freshly reduced metrics (train window or a validation pass), as Python floats."""
+
+    def on_validation_start(self, engine: Engine) -> None: ...
+    def on_validation_end(self, engine: Engine) -> None: ...
+    def on_train_epoch_end(self, engine: Engine) -> None: ...
+    def on_fit_end(self, engine: Engine) -> None: ...
+    def on_exception(self, engine: Engine, exception: BaseException) -> None: ...
+    def teardown(self, engine: Engine) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state to save in checkpoints (resumable callbacks override)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+
+    @property
+    def state_key(self) -> str:
+        """Key of this callback's entry in checkpoints; unique per class by default."""
+        return type(self).__name__
+
+
+def overridden_hooks(callback: Callback) -> list[str]:
+    """Hook names whose implementation differs from the no-op in `Callback`."""
+    return [h for h in HOOKS if getattr(type(callback), h) is not getattr(Callback, h)]
+
+
+GradFn = Callable[..., tuple[Any, Any]]
+
+
+class StepTransform(Callback):
+    """A callback that changes the math of the step (optax-style: pure functions over state).
+
+    Its pieces are composed inside the single compiled step, in this order::
+
+        loss -> scale_loss -> grad (wrapped by wrap_grad_fn, e.g. accumulation)
+             -> process_grads (unscale, finiteness) -> skip-if-not-ok -> optimizer
+
+    Its state, from `init(params)`, lives in `engine.state.extra[self.state_key]`, so it is
+    donated, sharded, checkpointed and restored with everything else.
+    """
+
+    #: Batches of `batch_size` consumed per optimizer update (gradient accumulation sets it).
+    micro_batches: int = 1
+
+    def init(self, params: Any) -> Any:
+        return ()
+
+    def scale_loss(self, loss: jax.Array, state: Any) -> jax.Array:
+        """The objective differentiated (e.g. loss * scale)."""
+        return loss
+
+    def wrap_grad_fn(self, grad_fn: GradFn) -> GradFn:
+        """How gradients are computed: `grad_fn(params, rest, batch) -> (grads, aux)`."""
+        return grad_fn
+
+    def process_grads(
+        self, grads: Any, state: Any, loss: jax.Array | None = None
+    ) -> tuple[Any, Any, jax.Array | None]:
+        """Post-process gradients (given the step's float32 loss); return (grads, new_state, ok).
+        ok=False skips the update."""
+        return grads, state, None
+
+    def metrics(self, state: Any) -> dict[str, jax.Array]:
+        """Values logged every step from the transform's new state."""
+        return {}
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """A scalar bool: every floating leaf of `tree` is finite."""
+    leaves = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)

@@ -1,0 +1,1 @@
+"""Processes: `jax.distributed` setup, the local launcher, its bootstrap, the `meshfit` command."""

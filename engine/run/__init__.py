@@ -1,0 +1,1 @@
+"""One run of the loop: the run object, its loop, metric windows and host timing."""

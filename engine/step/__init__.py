@@ -1,0 +1,1 @@
+"""Building the compiled step: the train state's plan, the pure step functions, batch-size search."""

@@ -34,8 +34,8 @@ from overhead import MLP  # the same model as the overhead benchmark (benchmarks
 
 from meshfit import Engine
 from meshfit.callbacks import Callback, ModelCheckpoint
-from meshfit.engine.checkpoint.format import CheckpointWriter
-from meshfit.engine.state import tree_bytes
+from meshfit.engine.checkpoint.writer import CheckpointWriter
+from meshfit.engine.trees import tree_bytes
 
 
 class Windows(Callback):
@@ -78,7 +78,7 @@ def write_time(engine: Engine, root: str, repeats: int = 3) -> tuple[float, floa
     for i in range(repeats):
         writer = CheckpointWriter(os.path.join(root, f"solo{i}"))
         t0 = time.perf_counter()
-        writer.save(engine)
+        writer.save(engine.global_step, *engine.checkpoint_state())
         blocking.append(time.perf_counter() - t0)
         writer.wait()
         total.append(time.perf_counter() - t0)

@@ -31,7 +31,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from meshfit import Engine, TrainModule  # noqa: E402
-from meshfit.engine.state import max_device_bytes, tree_bytes  # noqa: E402
+from meshfit.engine.trees import max_device_bytes, tree_bytes  # noqa: E402
 from meshfit.strategies import FSDP, DataParallel, Hybrid, SingleDevice  # noqa: E402
 
 

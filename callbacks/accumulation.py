@@ -15,7 +15,7 @@ Order inside the step (see `StepTransform`)::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,11 +23,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from meshfit.engine.data import MicroBatches
-from meshfit.engine.hooks import GradFn, StepTransform
-from meshfit.engine.module import MetricMeta
-
-if TYPE_CHECKING:
-    from meshfit.engine.engine import Engine
+from meshfit.engine.hooks import GradFn, StepContext, StepTransform
 
 
 class GradientAccumulation(StepTransform):
@@ -52,35 +48,23 @@ class GradientAccumulation(StepTransform):
             )
         self.steps = steps
         self.micro_batches = steps
-        self._engine: Engine | None = None
 
-    def setup(self, engine: Engine) -> None:
-        self._engine = engine  # read at trace time: batch axes, parameter layout, metric reduces
-
-    def _metric_reduce(self, name: str) -> str:
-        meta = self._engine.metric_meta if self._engine is not None else {}
-        return meta.get(name, MetricMeta()).reduce
-
-    def _constrain_micro(self, x: jax.Array) -> jax.Array:
-        """Keep micro-batch rows on their devices: (k, B, ...) sharded on dim 1 like the batch."""
-        strategy = getattr(self._engine, "strategy", None)
-        if strategy is None or x.ndim < 2:
-            return x
-        batch_spec = strategy.batch_sharding(x.ndim - 1).spec
-        spec = P(None, *batch_spec)
-        return jax.lax.with_sharding_constraint(x, NamedSharding(strategy.mesh, spec))
-
-    def _constrain_like_params(self, tree: Any) -> Any:
-        state = getattr(self._engine, "state", None)
-        if state is None:
-            return tree
-        shardings = jax.tree.map(lambda p: p.sharding, state.params)
-        return jax.lax.with_sharding_constraint(tree, shardings)
-
-    def wrap_grad_fn(self, grad_fn: GradFn) -> GradFn:
+    def wrap_grad_fn(self, grad_fn: GradFn, ctx: StepContext) -> GradFn:
         k = self.steps
         if k == 1:
             return grad_fn
+
+        def constrain_micro(x: jax.Array) -> jax.Array:
+            """Keep micro-batch rows on their devices: (k, B, ...) sharded on dim 1 like B."""
+            if ctx.batch_sharding is None or x.ndim < 2:
+                return x
+            spec = P(None, *ctx.batch_sharding(x.ndim - 1).spec)
+            return jax.lax.with_sharding_constraint(x, NamedSharding(ctx.mesh, spec))
+
+        def constrain_like_params(tree: Any) -> Any:
+            if ctx.param_shardings is None:
+                return tree
+            return jax.lax.with_sharding_constraint(tree, ctx.param_shardings)
 
         def split(x: jax.Array) -> jax.Array:  # strided: row r*k + j -> micro-batch j, row r
             if x.ndim == 0:
@@ -91,7 +75,7 @@ class GradientAccumulation(StepTransform):
                     f"multiple of {k}. Feed the data through Engine.fit, which groups batches."
                 )
             x = x.reshape(x.shape[0] // k, k, *x.shape[1:])
-            return self._constrain_micro(jnp.swapaxes(x, 0, 1))
+            return constrain_micro(jnp.swapaxes(x, 0, 1))
 
         def accumulated(params: Any, rest: Any, batch: Any) -> tuple[Any, Any]:
             if isinstance(batch, MicroBatches):
@@ -99,7 +83,7 @@ class GradientAccumulation(StepTransform):
             else:
                 data, count = batch, jnp.asarray(k, jnp.int32)
             micro = jax.tree.map(split, data)
-            acc0 = self._constrain_like_params(
+            acc0 = constrain_like_params(
                 jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
             )
 
@@ -112,13 +96,13 @@ class GradientAccumulation(StepTransform):
                     lambda a, g: a + jnp.where(valid, g.astype(jnp.float32), 0.0), acc, grads
                 )
                 rest = jax.tree.map(lambda n, o: _keep(valid, n, o), new_rest, rest)
-                return (self._constrain_like_params(acc), rest), logs
+                return (constrain_like_params(acc), rest), logs
 
             (acc, rest), logs = jax.lax.scan(body, (acc0, rest), (jnp.arange(k), micro))
             denom = count.astype(jnp.float32)
             grads = jax.tree.map(lambda a, p: (a / denom).astype(p.dtype), acc, params)
             valid = jnp.arange(k) < count
-            logs = {name: _combine(v, valid, self._metric_reduce(name)) for name, v in logs.items()}
+            logs = {name: _combine(v, valid, ctx.metric_reduce(name)) for name, v in logs.items()}
             return grads, (logs, rest)
 
         return accumulated

@@ -4,60 +4,29 @@ from __future__ import annotations
 
 import math
 import os
-import weakref
 from typing import TYPE_CHECKING, Any
 
-import jax
-
-from meshfit.engine.checkpoint.format import CheckpointWriter, default_dir
+from meshfit.engine.checkpoint.find import default_dir
+from meshfit.engine.checkpoint.writer import CheckpointWriter
 from meshfit.engine.hooks import Callback
 
 if TYPE_CHECKING:
     from meshfit.engine.engine import Engine
 
 MODES = ("min", "max")
-_VAL_NAMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def train_metric_names(engine: Engine) -> set[str]:
-    """Metrics the compiled train step returns (logged every `log_every_n_steps`)."""
-    names = set(engine.metric_meta)
-    if engine.compiled_step is not None:
-        _, logs = engine.compiled_step.out_info
-        names |= set(logs)
-    return names
-
-
-def validation_metric_names(engine: Engine) -> set[str]:
-    """Metrics a validation pass logs, found by tracing the eval step on the first val batch
-    (shapes only, nothing runs). Empty without validation data."""
-    loader = getattr(engine, "_val_loader", None)
-    if loader is None or engine._eval_step is None:
-        return set()
-    cached = _VAL_NAMES.get(engine)
-    if cached is not None and cached[0] is engine._eval_step:
-        return cached[1]
-    first = next(iter(loader.epoch(0, 0, engine._placer.rows_for)), None)
-    names: set[str] = set()
-    if first is not None:
-        batch = engine._placer.place(first)
-        out = jax.eval_shape(engine._eval_step, engine.state.params, engine.state.rest, batch)
-        names = set(out)
-    _VAL_NAMES[engine] = (engine._eval_step, names)
-    return names
 
 
 def metric_source(engine: Engine, monitor: str, who: str) -> str:
     """ "train" or "val": where `monitor` is logged; a clear error when it never is."""
-    train = train_metric_names(engine)
+    train = engine.train_metric_names()
     if monitor in train:
         return "train"
-    val = validation_metric_names(engine)
+    val = engine.validation_metric_names()
     if monitor in val:
         return "val"
     hint = (
         "no val_data was passed to fit, so validation metrics are never logged"
-        if getattr(engine, "_val_loader", None) is None
+        if engine.val_loader is None
         else f"validation logs {sorted(val)}"
     )
     raise ValueError(
@@ -129,7 +98,7 @@ class ModelCheckpoint(Callback):
 
     # ------------------------------------------------------------------ setup
     def resolved_dirpath(self, engine: Engine) -> str:
-        return os.path.abspath(self.dirpath or default_dir(engine))
+        return os.path.abspath(self.dirpath or default_dir(engine.default_root_dir))
 
     @property
     def best_model_path(self) -> str | None:
@@ -186,7 +155,7 @@ class ModelCheckpoint(Callback):
         return n is not None and engine.batch_idx >= n
 
     def _validation_follows(self, engine: Engine) -> bool:
-        if getattr(engine, "_val_loader", None) is None:
+        if engine.val_loader is None:
             return False
         every = engine.val_every_n_steps
         return bool(every and engine.global_step % every == 0)
@@ -226,7 +195,7 @@ class ModelCheckpoint(Callback):
 
     def save_for_preemption(self, engine: Engine) -> str:
         """Save at the current step boundary (unless already saved) and wait until complete."""
-        self.writer.save(engine)
+        self.writer.save(engine.global_step, *engine.checkpoint_state())
         self.writer.wait()
         return self.writer.directory
 
@@ -242,7 +211,8 @@ class ModelCheckpoint(Callback):
         score = self._score(engine)
         if score is not None and self._better(score):
             self.best_model_score, self.best_model_step = score, engine.global_step
-        if self.writer.save(engine, position=position, score=score):
+        state, meta = engine.checkpoint_state(position)
+        if self.writer.save(engine.global_step, state, meta, score=score):
             self.save_blocking_s.append(self.writer.last_blocking_s)
 
     def _better(self, score: float) -> bool:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 
+from meshfit.engine.hardware import memory_stats
 from meshfit.engine.hooks import Callback
 
 if TYPE_CHECKING:
@@ -14,14 +15,6 @@ if TYPE_CHECKING:
 
 #: `memory_stats()` entries logged, and the metric suffix each is logged under.
 STATS = {"bytes_in_use": "bytes_in_use", "peak_bytes_in_use": "peak_bytes_in_use"}
-
-
-def memory_stats(device: Any) -> dict[str, Any] | None:
-    """The allocator statistics of `device`, or None where the platform does not report them."""
-    try:
-        return device.memory_stats()
-    except (NotImplementedError, RuntimeError, AttributeError):
-        return None
 
 
 def local_devices(engine: Engine) -> list[Any]:

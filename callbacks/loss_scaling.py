@@ -8,16 +8,12 @@ before clipping (the head of the optimizer chain); a non-finite gradient skips t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from meshfit.engine.hooks import StepTransform, all_finite
-from meshfit.engine.module import MetricMeta
-
-if TYPE_CHECKING:
-    from meshfit.engine.engine import Engine
 
 
 class DynamicLossScaling(StepTransform):
@@ -61,10 +57,8 @@ class DynamicLossScaling(StepTransform):
         self.init_scale, self.growth_interval = float(init_scale), growth_interval
         self.factor, self.min_scale = float(factor), float(min_scale)
 
-    def setup(self, engine: Engine) -> None:
-        # the latest total of skipped steps; the most conservative scale of a window
-        engine.metric_meta.setdefault("skipped_steps", MetricMeta("max"))
-        engine.metric_meta.setdefault("loss_scale", MetricMeta("min"))
+    #: the latest total of skipped steps; the most conservative scale of a window
+    metric_reductions = {"skipped_steps": "max", "loss_scale": "min"}  # noqa: RUF012
 
     def init(self, params: Any) -> dict[str, jax.Array]:
         return {

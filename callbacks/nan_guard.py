@@ -24,12 +24,11 @@ from typing import TYPE_CHECKING, Any
 import jax
 import jax.numpy as jnp
 
+from meshfit.callbacks.loss_scaling import DynamicLossScaling
 from meshfit.engine.hooks import Callback, StepTransform, all_finite
 
 if TYPE_CHECKING:
     from meshfit.engine.engine import Engine
-
-NAN_GUARD_MODES = ("error", "warn", False)
 
 
 class NanGuard(StepTransform):
@@ -116,13 +115,6 @@ class NanGuard(StepTransform):
 
 def default_nan_guard(mode: str | bool | None, callbacks: Sequence[Callback]) -> list[Callback]:
     """The guard `Engine(nan_guard=mode)` adds: none if off, given, or loss scaling is used."""
-    from meshfit.callbacks.loss_scaling import DynamicLossScaling
-
-    if mode not in NAN_GUARD_MODES and mode is not None:
-        raise ValueError(
-            f"nan_guard={mode!r} is not supported; use 'error' (stop at a non-finite loss), "
-            "'warn' (skip such steps and warn) or False (no check)."
-        )
     if not mode or any(isinstance(cb, NanGuard | DynamicLossScaling) for cb in callbacks):
         return []
     return [NanGuard(mode)]

@@ -8,7 +8,9 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 import jax
+from tqdm.auto import tqdm
 
+from meshfit.callbacks.tensorboard import TensorBoardLogger
 from meshfit.engine.hooks import Callback
 
 if TYPE_CHECKING:
@@ -77,8 +79,6 @@ class Profiler(Callback):
         self.traced_steps, self.trace_dir = [], None
 
     def _resolve_dir(self, engine: Engine) -> str:
-        from meshfit.callbacks.tensorboard import TensorBoardLogger
-
         root = self.dirpath
         if root is None:
             tb = [
@@ -142,8 +142,6 @@ class Profiler(Callback):
                 stacklevel=2,
             )
         if self.summary and engine.is_global_zero:
-            from tqdm.auto import tqdm
-
             lines = [engine.timings.summary()]
             if self.trace_dir:
                 lines.append(

@@ -58,7 +58,7 @@ class ProgressBar(Callback):
     def on_log(self, engine: Engine, metrics: dict[str, float]) -> None:
         if self.bar is None:
             return
-        meta = {**engine.metric_meta, **getattr(engine, "_val_meta", {})}
+        meta = {**engine.metric_meta, **engine.val_metric_meta}
         for name, value in metrics.items():
             if name == "loss" or (name in meta and meta[name].prog_bar):
                 self._shown[name] = _fmt(value)

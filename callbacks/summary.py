@@ -7,27 +7,15 @@ shapes, shardings and XLA's static analyses only: it never waits for the device.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 
-from meshfit.engine.hardware import format_bytes
+from meshfit.engine.hardware import compiled_flops, compiled_memory, format_bytes
 from meshfit.engine.hooks import Callback
-
-
-def _path(keypath: tuple) -> str:
-    from meshfit.strategies.rules import path_str
-
-    return path_str(keypath)
-
-
-def _per_device_bytes(x: Any) -> int:
-    sharding = getattr(x, "sharding", None)
-    shape = sharding.shard_shape(x.shape) if sharding is not None else x.shape
-    return math.prod(shape) * x.dtype.itemsize
+from meshfit.engine.trees import max_device_bytes, path_str, shard_bytes
 
 
 def _spec(x: Any) -> str:
@@ -43,52 +31,15 @@ def parameter_rows(params: Any) -> list[tuple[str, str, str, str, int, int]]:
         x = leaf.get_value() if is_var(leaf) else leaf
         rows.append(
             (
-                _path(keypath),
+                path_str(keypath),
                 str(tuple(x.shape)),
                 str(x.dtype),
                 _spec(x),
-                _per_device_bytes(x),
+                shard_bytes(x),
                 int(np.prod(x.shape)),
             )
         )
     return rows
-
-
-def state_bytes_per_device(tree: Any) -> int:
-    """Largest per-device byte count of a tree of (sharded) arrays, from shardings only."""
-    per: dict[Any, int] = {}
-    for x in jax.tree.leaves(tree):
-        sharding = getattr(x, "sharding", None)
-        if sharding is None:
-            continue
-        nbytes = _per_device_bytes(x)
-        for device in sharding.device_set:
-            per[device] = per.get(device, 0) + nbytes
-    return max(per.values(), default=0)
-
-
-def compiled_stats(compiled: Any) -> tuple[int | None, float | None]:
-    """(bytes per device while the step runs, FLOPs per step) from XLA, where available."""
-    memory = flops = None
-    try:
-        m = compiled.memory_analysis()
-        memory = int(
-            m.argument_size_in_bytes
-            + m.output_size_in_bytes
-            - m.alias_size_in_bytes
-            + m.temp_size_in_bytes
-            + m.generated_code_size_in_bytes
-        )
-    except Exception:  # not every backend implements it
-        memory = None
-    try:
-        cost = compiled.cost_analysis()
-        if isinstance(cost, list | tuple):
-            cost = cost[0] if cost else None
-        flops = float(cost["flops"]) if cost and "flops" in cost else None
-    except Exception:
-        flops = None
-    return memory, flops
 
 
 def _table(rows: list[tuple[str, ...]], header: tuple[str, ...], right: set[int]) -> list[str]:
@@ -117,15 +68,15 @@ def summarize(engine: Any, max_rows: int = 40) -> str:
     state_total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
     lines.append(
         f"parameters: {count:,} ({format_bytes(total)} total, "
-        f"{format_bytes(state_bytes_per_device(state.params))} per device); "
+        f"{format_bytes(max_device_bytes(state.params))} per device); "
         f"train state with optimizer: {format_bytes(state_total)} total, "
-        f"{format_bytes(state_bytes_per_device(state))} per device"
+        f"{format_bytes(max_device_bytes(state))} per device"
     )
     axes = ", ".join(f"{n}={s}" for n, s in mesh.shape.items())
     grid = np.vectorize(lambda d: d.id)(mesh.devices)
     lines.append(f"mesh: ({axes}) axis names {tuple(mesh.axis_names)}; device ids {grid.tolist()}")
-    lines.append(f"strategy: {strategy.describe()}")
-    memory, flops = compiled_stats(engine.compiled_step)
+    lines.append(f"strategy: {strategy.describe(engine.layout)}")
+    memory, flops = compiled_memory(engine.compiled_step), compiled_flops(engine.compiled_step)
     lines.append(
         f"compiled step: {format_bytes(memory)} per device, "
         f"{'unknown' if flops is None else f'{flops:.3g}'} FLOPs per step"

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 
+from meshfit.engine.hardware import compiled_flops
 from meshfit.engine.hooks import Callback
 
 if TYPE_CHECKING:
@@ -44,18 +45,6 @@ def peak_flops(device: Any, precision: str = "bf16") -> float | None:
         if pattern in kind:
             return half if low else single
     return None
-
-
-def compiled_flops(compiled: Any, num_devices: int) -> float | None:
-    """FLOPs of one step of `compiled` over all devices (`cost_analysis()` is per device)."""
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # some backends do not implement it
-        return None
-    if isinstance(cost, list | tuple):
-        cost = cost[0] if cost else None
-    flops = (cost or {}).get("flops")
-    return float(flops) * num_devices if flops and flops > 0 else None
 
 
 def _rows(batch: Any) -> int:

@@ -1,41 +1,36 @@
-"""`Engine`: runs the fit loop; placement is delegated to a `Strategy`, extras to callbacks."""
+"""`Engine`: the configuration and the public face of a run; `FitRun` does the work.
+
+`fit` plans the state (the strategy answers where everything lives), hands it to a `FitRun`
+that owns everything live, and exposes what callbacks and users read: counters, metrics,
+`state`, `compiled_step`, `module`.
+"""
 
 from __future__ import annotations
 
-import collections
-import itertools
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from meshfit.callbacks.nan_guard import default_nan_guard
+from meshfit.callbacks.progress import ProgressBar
 from meshfit.callbacks.summary import default_model_summary
-from meshfit.engine.checkpoint import format as checkpoint
-from meshfit.engine.checkpoint import restore
-from meshfit.engine.checkpoint.preemption import PreemptionWatcher
-from meshfit.engine.data import Placer, make_loader
-from meshfit.engine.hardware import print_hardware_report
-from meshfit.engine.hooks import Callback, StepTransform, overridden_hooks
+from meshfit.callbacks.tensorboard import TensorBoardLogger
+from meshfit.engine.config import EngineConfig
+from meshfit.engine.data import make_loader
+from meshfit.engine.hooks import Callback, StepTransform
 from meshfit.engine.module import MetricMeta, overrides
 from meshfit.engine.processes import distributed
-from meshfit.engine.run.loop import fit_loop, validation_pass
-from meshfit.engine.run.metrics import MetricWindow
+from meshfit.engine.run.evaluate import EvalRun
+from meshfit.engine.run.fit import FitRun, resolve_checkpoint
+from meshfit.engine.run.hooks import HookTable
 from meshfit.engine.run.timing import PhaseTimer
-from meshfit.engine.state import TrainState, tree_bytes
-from meshfit.engine.step.build import PRECISIONS, make_eval_step, split_module
-from meshfit.engine.step.plan import (
-    ModuleOrFactory,
-    StatePlan,
-    build_state,
-    jit_train_step,
-    plan_state,
-)
-from meshfit.strategies import Strategy, available_strategies, resolve_strategy
+from meshfit.engine.state import TrainState
+from meshfit.engine.step.plan import ModuleOrFactory, StatePlan, plan_state, relayout
+from meshfit.strategies import Strategy, auto, resolve_strategy
 
 
 class Engine:
@@ -84,121 +79,47 @@ class Engine:
         nan_guard: str | bool = "error",
         enable_model_summary: bool = True,
     ):
-        if isinstance(strategy, str) and strategy not in available_strategies():
-            raise ValueError(
-                f"Unknown strategy {strategy!r}. Valid names: {', '.join(available_strategies())}; "
-                "or pass a Strategy object, e.g. Engine(strategy=DataParallel())."
-            )
-        if not isinstance(strategy, str | Strategy):
-            raise TypeError(
-                f"strategy must be a name or a Strategy, got {type(strategy).__name__}."
-            )
-        if max_epochs is None and max_steps is None:
-            raise ValueError(
-                "Engine needs a stopping point: both max_epochs and max_steps are unset. "
-                "Pass max_epochs=N (passes over the data) or max_steps=N (optimizer updates)."
-            )
-        for name, value in (("max_epochs", max_epochs), ("max_steps", max_steps)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer or None, got {value!r}.")
-        for name, value in (
-            ("batch_size", batch_size),
-            ("log_every_n_steps", log_every_n_steps),
-            ("max_in_flight", 1 if max_in_flight is None else max_in_flight),
-        ):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        if val_every_n_steps is not None and (
-            not isinstance(val_every_n_steps, int) or val_every_n_steps < 1
-        ):
-            raise ValueError(
-                f"val_every_n_steps must be a positive integer or None, got {val_every_n_steps!r}."
-            )
-        if precision not in PRECISIONS:
-            raise ValueError(
-                f"precision={precision!r} is not supported; use one of {sorted(PRECISIONS)}."
-            )
-        if gradient_clip_algorithm not in ("norm", "value"):
-            raise ValueError(
-                f"gradient_clip_algorithm={gradient_clip_algorithm!r}; use 'norm' (global norm) or 'value'."
-            )
-        if gradient_clip_val is not None and not gradient_clip_val > 0:
-            raise ValueError(f"gradient_clip_val must be > 0, got {gradient_clip_val!r}.")
-
+        self.config = EngineConfig(
+            strategy=strategy,
+            devices=devices,
+            max_epochs=max_epochs,
+            max_steps=max_steps,
+            batch_size=batch_size,
+            callbacks=tuple(callbacks or ()),
+            seed=seed,
+            log_every_n_steps=log_every_n_steps,
+            val_every_n_steps=val_every_n_steps,
+            default_root_dir=default_root_dir,
+            enable_progress_bar=enable_progress_bar,
+            logger=logger,
+            precision=precision,
+            gradient_clip_val=gradient_clip_val,
+            gradient_clip_algorithm=gradient_clip_algorithm,
+            max_in_flight=max_in_flight,
+            nan_guard=nan_guard,
+            enable_model_summary=enable_model_summary,
+        )
         distributed.initialize()  # no-op unless the environment describes a multi-process job
-        self.devices = self._resolve_devices(devices)
-        self.strategy_arg = strategy
-        self.max_epochs, self.max_steps, self.batch_size = max_epochs, max_steps, batch_size
-        self.seed, self.log_every_n_steps, self.val_every_n_steps = (
-            seed,
-            log_every_n_steps,
-            val_every_n_steps,
-        )
-        self.default_root_dir, self.precision = os.fspath(default_root_dir), precision
-        self.gradient_clip_val, self.gradient_clip_algorithm = (
-            gradient_clip_val,
-            gradient_clip_algorithm,
-        )
-        self.max_in_flight = max_in_flight
-        self._batch_bytes = 0  # of one global batch, once fit has seen it
-        self.callbacks = self._default_callbacks(list(callbacks or []), enable_progress_bar, logger)
-        self.callbacks += default_nan_guard(nan_guard, self.callbacks)
-        self.callbacks += default_model_summary(enable_model_summary, self.callbacks)
-
+        self.devices = _resolve_devices(devices)
+        self.callbacks = _with_defaults(self.config)
         self.strategy: Strategy | None = None
-        self.module: nnx.Module | None = None
-        self.state = None  # the TrainState (a property over the flat leaves the step uses)
-        self.compiled_step: Any = None
+        self.auto_reason: str | None = None  # why strategy="auto" chose what it chose
+        self.run: EvalRun | None = None  # the current (or last) run: fit or validate
         self.callback_metrics: dict[str, float] = {}
-        self.metric_meta: dict[str, MetricMeta] = {}
         self.global_step = 0  # optimizer steps dispatched (host counter; never reads the device)
         self.current_epoch = 0
         self.batch_idx = 0  # next batch of the current epoch (the data position)
         self.num_training_batches: int | None = None
         self.should_stop = False
-        self._graphdef: nnx.GraphDef | None = None
-        self._eval_step: Callable | None = None
-        self._placer: Placer | None = None
-        self._first_batches: tuple | None = None
         self.timings = PhaseTimer()  # host seconds per loop phase (step/data/callbacks/...)
 
-    # ------------------------------------------------------------------ setup helpers
-    @staticmethod
-    def _resolve_devices(devices: int | Sequence[Any] | None) -> list[Any]:
-        available = jax.devices()
-        if devices is None:
-            return available
-        if isinstance(devices, int):
-            if not 1 <= devices <= len(available):
-                raise ValueError(
-                    f"Engine(devices={devices}) asks for {devices} devices, but {len(available)} "
-                    f"{available[0].platform} device(s) are available. Use 1..{len(available)}, or "
-                    "on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N before importing jax."
-                )
-            return available[:devices]
-        devices = list(devices)
-        if not devices:
-            raise ValueError("Engine(devices=[]) got an empty device list.")
-        return devices
+    def __getattr__(self, name: str) -> Any:
+        """Configuration fields read as attributes (`engine.max_steps`, `engine.seed`, ...)."""
+        if name != "config" and name in EngineConfig.names():
+            return getattr(self.config, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
-    @staticmethod
-    def _default_callbacks(
-        callbacks: list[Callback], progress_bar: bool, logger: bool | Callback
-    ) -> list[Callback]:
-        from meshfit.callbacks import ProgressBar, TensorBoardLogger
-
-        for cb in callbacks:
-            if not isinstance(cb, Callback):
-                raise TypeError(f"callbacks must be Callback instances, got {type(cb).__name__}.")
-        if progress_bar and not any(isinstance(cb, ProgressBar) for cb in callbacks):
-            callbacks.append(ProgressBar())
-        if isinstance(logger, Callback):
-            callbacks.append(logger)
-        elif logger and not any(isinstance(cb, TensorBoardLogger) for cb in callbacks):
-            callbacks.append(TensorBoardLogger())
-        callbacks.sort(key=lambda cb: bool(getattr(cb, "run_last", False)))  # e.g. checkpoints
-        return callbacks
-
+    # ------------------------------------------------------------------ public views
     @property
     def is_global_zero(self) -> bool:
         """True on the process that prints, logs and reports."""
@@ -217,10 +138,65 @@ class Engine:
         return self.strategy.mesh
 
     @property
+    def state(self) -> TrainState | None:
+        """The train-state pytree; its leaves are the live (sharded) arrays."""
+        return None if self.run is None else self.run.state
+
+    @state.setter
+    def state(self, value: TrainState) -> None:
+        self.run.live.replace(value)
+
+    @property
+    def module(self) -> nnx.Module | None:
+        return getattr(self.run, "module", None)
+
+    @property
+    def layout(self) -> Any:
+        """The strategy's answer for this run's state (shardings, parameter specs)."""
+        return getattr(self.run, "layout", None)
+
+    @property
+    def compiled_step(self) -> Any:
+        return getattr(self.run, "compiled_step", None)
+
+    @property
+    def init_compiled(self) -> Any:
+        """The compiled sharded init, when fit was given a factory."""
+        return getattr(self.run, "init_compiled", None)
+
+    @property
+    def metric_meta(self) -> dict[str, MetricMeta]:
+        """How each training metric is reduced and whether the progress bar shows it."""
+        return getattr(self.run, "train_meta", {})
+
+    @property
+    def val_metric_meta(self) -> dict[str, MetricMeta]:
+        return {} if self.run is None else self.run.val_meta
+
+    @property
+    def val_loader(self) -> Any:
+        """The validation data of the current fit (batched), or None."""
+        return None if self.run is None else self.run.val_loader
+
+    def train_metric_names(self) -> set[str]:
+        """Metrics the training step logs (known once the step is compiled, at fit start)."""
+        return self.run.train_metric_names() if isinstance(self.run, FitRun) else set()
+
+    def validation_metric_names(self) -> set[str]:
+        """Metrics a validation pass logs (traced, not run); empty without validation data."""
+        return set() if self.run is None else self.run.validation_metric_names()
+
+    def checkpoint_state(self, position: tuple[int, int] | None = None) -> tuple[TrainState, dict]:
+        """What a checkpoint of this fit holds: the train state and the host meta (data
+        position, every callback's `state_dict`, unlogged metrics); `position` overrides the
+        data position to resume at (epoch, batch)."""
+        return self.run.snapshot(position)
+
+    @property
     def hparams(self) -> dict[str, Any]:
         """The run's configuration, plus the module's own `hparams` dict if it has one."""
         out = {
-            "strategy": self.strategy.name if self.strategy else str(self.strategy_arg),
+            "strategy": self.strategy.name if self.strategy else str(self.config.strategy),
             "devices": len(self.devices),
             "batch_size": self.batch_size,
             "max_epochs": self.max_epochs,
@@ -232,63 +208,39 @@ class Engine:
         out.update(getattr(self.module, "hparams", None) or {})
         return out
 
-    def _call(self, hook: str, *args: Any) -> None:
-        fns = self._hooks[hook]
-        if not fns:
-            return
-        if not self.timings.enabled:  # the common case: no timing context on the hot path
-            for fn in fns:
-                fn(self, *args)
-            return
-        with self.timings.phase("callbacks"):
-            for fn in fns:
-                fn(self, *args)
-
     def log_metrics(self, metrics: dict[str, float]) -> None:
         """Record host-side metrics (Python floats) from a callback: they join
         `callback_metrics` and go to every `on_log` consumer (loggers, progress bar).
         Call it outside your own `on_log` (e.g. from `on_train_batch_end`)."""
-        metrics = {name: float(value) for name, value in metrics.items()}
-        if metrics:
-            self.callback_metrics.update(metrics)
-            self._call("on_log", metrics)
+        self.run.log({name: float(value) for name, value in metrics.items()})
 
-    def _index_hooks(self) -> None:
-        self._hooks: dict[str, list[Callable]] = collections.defaultdict(list)
-        for cb in self.callbacks:
-            for hook in overridden_hooks(cb):
-                self._hooks[hook].append(getattr(cb, hook))
-
-    def _setup_strategy(self) -> Strategy:
+    # ------------------------------------------------------------------ planning
+    def plan(self, module_or_factory: ModuleOrFactory) -> StatePlan:
+        """The train state before it exists: structure, optimizer, layout. Settles the
+        strategy ("auto" chooses by the state's size); allocates nothing."""
         if self.strategy is None:
-            self.strategy = resolve_strategy(self.strategy_arg, len(self.devices))
+            self.strategy = resolve_strategy(self.config.strategy, len(self.devices))
             self.strategy.setup(self.devices)
-        return self.strategy
+        config = self.config
+        plan = plan_state(
+            module_or_factory,
+            self.strategy,
+            self.transforms,
+            config.gradient_clip_val,
+            config.gradient_clip_algorithm,
+        )
+        if config.strategy == "auto":
+            chosen, reason = auto.choose(plan.abstract, self.devices)
+            if chosen.name != self.strategy.name:
+                self.strategy = chosen
+                plan = relayout(plan, chosen)
+            if reason != self.auto_reason:
+                self.auto_reason = reason
+                if jax.process_index() == 0:
+                    print(f"[meshfit] strategy 'auto' -> {chosen.name!r}: {reason}", flush=True)
+        return plan
 
-    # ------------------------------------------------------------------ state
-    @property
-    def state(self) -> TrainState | None:
-        """The train-state pytree; its leaves are the live (sharded) arrays."""
-        if self._state is None and self._leaves is not None:
-            self._state = self._treedef.unflatten(self._leaves)
-        return self._state
-
-    @state.setter
-    def state(self, value: TrainState | None) -> None:
-        self._state, self._leaves = value, None
-        self._treedef = None if value is None else jax.tree.structure(value)
-
-    def _state_leaves(self) -> list[jax.Array]:
-        """The state's flat leaves, what the jitted train step takes and returns."""
-        if self._leaves is None:
-            self._leaves = self._treedef.flatten_up_to(self._state)
-        return self._leaves
-
-    def _plan_state(self, module_or_factory: ModuleOrFactory) -> StatePlan:
-        """The train state before it exists (see `meshfit.plan.plan_state`)."""
-        return plan_state(self, module_or_factory)
-
-    # ------------------------------------------------------------------ fit
+    # ------------------------------------------------------------------ fit / validate
     def fit(
         self,
         module: ModuleOrFactory,
@@ -300,132 +252,65 @@ class Engine:
 
         `ckpt_path` resumes from a checkpoint: "last", "best" or a path (see ModelCheckpoint).
         """
-        self._index_hooks()
         self.should_stop = False
-        self._call("setup")
-        resume_from = checkpoint.resolve(self, ckpt_path) if ckpt_path is not None else None
-        plan = self._plan_state(module)
-        strategy = self.strategy
-        self.state, self.init_compiled = build_state(plan, module, strategy.mesh)
-        self._graphdef = plan.graphdef
-        strategy.check_batch_size(self.batch_size)
-        # one step = `micro_batches` batches (gradient accumulation windows)
-        train_loader = self._loader(train_data, "train_data", micro_batches=self.micro_batches)
-        val_loader = None if val_data is None else self._loader(val_data, "val_data")
-        self.num_training_batches = _length(train_loader)
-        self._placer = Placer(strategy.batch_sharding, strategy.replicated())
-
-        batch_example = self._example_batch(train_loader)
-        self._batch_bytes = tree_bytes(batch_example)  # bounds the batches queued in flight
-        self._train_step = jit_train_step(
-            plan, strategy, self.transforms, self.metric_meta, self.precision, batch_example
-        )
-        self._build_eval_step()
-        self.module = (
-            module
-            if isinstance(module, nnx.Module)
-            else nnx.merge(self._graphdef, self.state.params, self.state.rest)
-        )
-        self._val_loader, self._train_window = val_loader, MetricWindow(self.metric_meta)
-        restore.restore(self, resume_from)  # resharded onto this run's layout; no-op if None
-        # Tracing, compiling and the loop all run under the mesh (it is part of the trace key).
-        with jax.set_mesh(strategy.mesh):
-            self.compiled_step = self._train_step.lower(
-                self._state_leaves(), batch_example
-            ).compile()
-            print_hardware_report(self)
-            self._call("on_fit_start")
-            self._preemption = PreemptionWatcher().install()
-            try:
-                fit_loop(self, train_loader, val_loader)
-                self._call("on_fit_end")
-            except BaseException as exc:
-                self._call("on_exception", exc)
-                raise
-            finally:
-                self._preemption.uninstall()
-                self._write_back()
-                self._call("teardown")
-
-    def _loader(self, data: Any, name: str, micro_batches: int | None = None) -> Any:
-        """Training loaders (micro_batches given) shuffle and drop the last partial batch."""
-        return make_loader(
-            data,
-            self.batch_size,
-            train=micro_batches is not None,
-            seed=self.seed,
-            process_count=distributed.process_count(),
-            name=name,
-            micro_batches=micro_batches or 1,
-        )
-
-    def _example_batch(self, loader: Any) -> Any:
-        """Abstract first batch (shapes, dtypes, shardings) to compile the step before the loop."""
-        batches = loader.epoch(self.current_epoch, self.batch_idx, self._placer.rows_for)
-        first = next(batches, None)
-        if first is None:
-            raise ValueError(
-                "train_data produced no batches; check that it is not an exhausted iterator."
-            )
-        # The loop starts with this same generator, so a one-shot iterator loses nothing.
-        self._first_batches = (
-            self.current_epoch,
-            self.batch_idx,
-            itertools.chain([first], batches),
-        )
-        if not first.sharded or first.global_size % self.strategy.data_parallel_size:
-            self.strategy.check_batch_size(first.global_size, "Training batch size")
-
-        def abstract(x):
-            shape = (first.global_size, *x.shape[1:]) if x.ndim else ()
-            return jax.ShapeDtypeStruct(
-                shape, x.dtype, sharding=self.strategy.batch_sharding(x.ndim)
-            )
-
-        return jax.tree.map(abstract, first.local)
-
-    def _write_back(self) -> None:
-        """Put the trained variables back into the user's module (NNX: in place)."""
-        if self.module is not None and self.state is not None and not _deleted(self.state):
-            nnx.update(self.module, self.state.params, self.state.rest)
-
-    # ------------------------------------------------------------------ validation
-    def _build_eval_step(self) -> None:
-        self._val_meta: dict[str, MetricMeta] = {}
-        eval_step = make_eval_step(
-            self._graphdef,
-            self._val_meta,
-            compute_dtype=PRECISIONS[self.precision],
-            context=self.strategy.step_context,
-        )
-        self._eval_step = jax.jit(eval_step)
+        HookTable(self.callbacks, self, self.timings)("setup")
+        found = resolve_checkpoint(self, ckpt_path) if ckpt_path is not None else None
+        plan = self.plan(module)
+        self.run = FitRun(self, plan, module, train_data, val_data)
+        self.run.execute(found)
 
     def validate(self, module: ModuleOrFactory, data: Any) -> dict[str, float]:
         """Run `validation_step` over `data`; metrics averaged over the whole set (by batch size)."""
         if not overrides(module, "validation_step"):
             raise TypeError(f"{type(module).__name__} has no validation_step to run.")
-        self._index_hooks()
-        if module is not self.module or self.state is None or _deleted(self.state):
-            strategy = self._setup_strategy()
-            graphdef, params, rest = split_module(module)
-            state = TrainState(jnp.zeros((), jnp.int32), params, rest, (), {})
-            shardings = strategy.state_shardings(jax.eval_shape(lambda s: s, state))
-            self.state = jax.device_put(state, shardings, may_alias=False)
-            self._graphdef, self.module = graphdef, module
-            self._placer = Placer(strategy.batch_sharding, strategy.replicated())
-            self._build_eval_step()
-        loader = self._loader(data, "data")
+        run = self.run
+        if run is None or module is not self.module or run.live.deleted():
+            if self.strategy is None:
+                self.strategy = resolve_strategy(self.config.strategy, len(self.devices))
+                self.strategy.setup(self.devices)
+            run = self.run = EvalRun.for_module(self, module, self.strategy)
+            run.module = module
+        loader = make_loader(
+            data,
+            self.batch_size,
+            train=False,
+            seed=self.seed,
+            process_count=distributed.process_count(),
+            name="data",
+        )
         with jax.set_mesh(self.strategy.mesh):
-            return validation_pass(self, loader)
+            return run.validation_pass(loader)
 
 
-def _length(loader: Any) -> int | None:
-    """Batches per epoch, or None for an iterable without a length."""
-    try:
-        return len(loader)
-    except TypeError:
-        return None
+def _resolve_devices(devices: int | Sequence[Any] | None) -> list[Any]:
+    available = jax.devices()
+    if devices is None:
+        return available
+    if isinstance(devices, int):
+        if not 1 <= devices <= len(available):
+            raise ValueError(
+                f"Engine(devices={devices}) asks for {devices} devices, but {len(available)} "
+                f"{available[0].platform} device(s) are available. Use 1..{len(available)}, or "
+                "on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N before importing jax."
+            )
+        return available[:devices]
+    devices = list(devices)
+    if not devices:
+        raise ValueError("Engine(devices=[]) got an empty device list.")
+    return devices
 
 
-def _deleted(tree: Any) -> bool:
-    return any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(tree))
+def _with_defaults(config: EngineConfig) -> list[Callback]:
+    """The user's callbacks plus the defaults: progress bar, logger, NaN guard, model summary;
+    checkpointing callbacks (`run_last`) last, so they save what the others updated."""
+    callbacks = list(config.callbacks)
+    if config.enable_progress_bar and not any(isinstance(cb, ProgressBar) for cb in callbacks):
+        callbacks.append(ProgressBar())
+    if isinstance(config.logger, Callback):
+        callbacks.append(config.logger)
+    elif config.logger and not any(isinstance(cb, TensorBoardLogger) for cb in callbacks):
+        callbacks.append(TensorBoardLogger())
+    callbacks.sort(key=lambda cb: bool(getattr(cb, "run_last", False)))
+    callbacks += default_nan_guard(config.nan_guard, callbacks)
+    callbacks += default_model_summary(config.enable_model_summary, callbacks)
+    return callbacks

@@ -1,4 +1,5 @@
-"""Hardware facts: platform, device kind, device and process counts, memory per device."""
+"""Hardware facts, in one place: devices, their memory, and what a compiled program needs
+(XLA's memory and cost analyses)."""
 
 from __future__ import annotations
 
@@ -8,22 +9,58 @@ from typing import Any
 import jax
 
 
-def device_memory(device: Any) -> int | None:
-    """The allocator limit of one device in bytes (`memory_stats()['bytes_limit']`), if known."""
+def memory_stats(device: Any) -> dict[str, Any] | None:
+    """The allocator statistics of `device`, or None where the platform reports none (CPU)."""
     try:
-        stats = device.memory_stats()
+        return device.memory_stats() or None
     except (NotImplementedError, RuntimeError, AttributeError):
         return None
-    if not stats or "bytes_limit" not in stats:
+
+
+def device_memory(device: Any) -> int | None:
+    """The allocator limit of one device in bytes (`memory_stats()['bytes_limit']`), if known."""
+    stats = memory_stats(device)
+    return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
+
+
+def min_device_memory(devices: Sequence[Any]) -> int | None:
+    """The smallest allocator limit over `devices`, or None if any of them reports none."""
+    limits = [device_memory(d) for d in devices]
+    return None if not limits or None in limits else min(limits)
+
+
+def compiled_memory(compiled: Any) -> int | None:
+    """Per-device bytes a compiled executable needs while it runs (arguments + outputs - donated
+    aliases + temporaries + code), from XLA's static analysis; None where unavailable."""
+    try:
+        m = compiled.memory_analysis()
+        return int(
+            m.argument_size_in_bytes
+            + m.output_size_in_bytes
+            - m.alias_size_in_bytes
+            + m.temp_size_in_bytes
+            + m.generated_code_size_in_bytes
+        )
+    except Exception:  # not every backend implements it
         return None
-    return int(stats["bytes_limit"])
+
+
+def compiled_flops(compiled: Any, num_devices: int = 1) -> float | None:
+    """FLOPs of one call of `compiled` over `num_devices` (`cost_analysis()` is per device)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # some backends do not implement it
+        return None
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else None
+    flops = (cost or {}).get("flops")
+    return float(flops) * num_devices if flops and flops > 0 else None
 
 
 def hardware_info(devices: Sequence[Any] | None = None) -> dict[str, Any]:
     """Facts about the devices a run uses (default: all global devices)."""
     devices = list(devices) if devices is not None else jax.devices()
     first = devices[0]
-    memory = [device_memory(d) for d in devices]
     return {
         "platform": first.platform,
         "device_kind": first.device_kind,
@@ -32,7 +69,7 @@ def hardware_info(devices: Sequence[Any] | None = None) -> dict[str, Any]:
         "global_devices": jax.device_count(),
         "processes": jax.process_count(),
         "process_index": jax.process_index(),
-        "memory_per_device": None if None in memory else min(memory),
+        "memory_per_device": min_device_memory(devices),
     }
 
 
@@ -55,9 +92,3 @@ def hardware_report(devices: Sequence[Any] | None = None) -> str:
         f"{info['global_devices']} global, {info['processes']} process(es), "
         f"memory per device {format_bytes(info['memory_per_device'])}"
     )
-
-
-def print_hardware_report(engine: Any) -> None:
-    """Print the report once per fit on process 0 (called by the engine at fit start)."""
-    if engine.is_global_zero:
-        print(hardware_report(engine.devices), flush=True)

@@ -1,8 +1,11 @@
-"""Callback base classes: host hooks (`Callback`) and in-step transforms (`StepTransform`)."""
+"""The bottom layer: host hooks (`Callback`) and in-step transforms (`StepTransform`).
+
+Everything else imports these; they import nothing of meshfit."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -88,6 +91,23 @@ def overridden_hooks(callback: Callback) -> list[str]:
 GradFn = Callable[..., tuple[Any, Any]]
 
 
+@dataclass(frozen=True)
+class StepContext:
+    """What an in-step transform may know while the step is traced, handed to it as an argument.
+
+    - `mesh`, `batch_sharding(ndim)`: where a batch lives (e.g. to keep micro-batch rows on their
+      devices);
+    - `param_shardings`: a pytree like the parameters, of their shardings (e.g. to keep an
+      accumulator or an average laid out like them);
+    - `metric_reduce(name)`: how a logged metric combines across steps ("mean", "sum", ...).
+    """
+
+    mesh: Any = None
+    batch_sharding: Callable[[int], Any] | None = None
+    param_shardings: Any = None
+    metric_reduce: Callable[[str], str] = lambda name: "mean"
+
+
 class StepTransform(Callback):
     """A callback that changes the math of the step (optax-style: pure functions over state).
 
@@ -95,13 +115,18 @@ class StepTransform(Callback):
 
         loss -> scale_loss -> grad (wrapped by wrap_grad_fn, e.g. accumulation)
              -> process_grads (unscale, finiteness) -> skip-if-not-ok -> optimizer
+             -> after_update (e.g. a moving average of the new parameters)
 
     Its state, from `init(params)`, lives in `engine.state.extra[self.state_key]`, so it is
-    donated, sharded, checkpointed and restored with everything else.
+    donated, sharded, checkpointed and restored with everything else. A transform keeps no
+    reference to the engine: what it needs at trace time comes as a `StepContext`.
     """
 
     #: Batches of `batch_size` consumed per optimizer update (gradient accumulation sets it).
     micro_batches: int = 1
+    #: How the metrics from `metrics()` combine across the steps of a log window, by name
+    #: (default "mean"), e.g. {"loss_scale": "min"}.
+    metric_reductions: dict[str, str] = {}  # noqa: RUF012 (read-only class default)
 
     def init(self, params: Any) -> Any:
         return ()
@@ -110,7 +135,7 @@ class StepTransform(Callback):
         """The objective differentiated (e.g. loss * scale)."""
         return loss
 
-    def wrap_grad_fn(self, grad_fn: GradFn) -> GradFn:
+    def wrap_grad_fn(self, grad_fn: GradFn, ctx: StepContext) -> GradFn:
         """How gradients are computed: `grad_fn(params, rest, batch) -> (grads, aux)`."""
         return grad_fn
 
@@ -120,6 +145,11 @@ class StepTransform(Callback):
         """Post-process gradients (given the step's float32 loss); return (grads, new_state, ok).
         ok=False skips the update."""
         return grads, state, None
+
+    def after_update(self, state: Any, params: Any, ctx: StepContext) -> Any:
+        """The transform's state after an applied optimizer update, given the new parameters
+        (a skipped update skips this too)."""
+        return state
 
     def metrics(self, state: Any) -> dict[str, jax.Array]:
         """Values logged every step from the transform's new state."""

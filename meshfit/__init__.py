@@ -1,15 +1,18 @@
-"""meshfit: a Lightning-style, callback-based training engine for JAX."""
+"""meshfit: a Lightning-style, callback-based training engine for JAX.
 
+This package only re-exports the public names; the code lives in `meshfit.engine`,
+`meshfit.callbacks` and `meshfit.strategies`."""
+
+from meshfit.engine.batch_size import BatchSizeEstimate, find_batch_size
 from meshfit.engine.checkpoint.format import CheckpointError
 from meshfit.engine.checkpoint.preemption import PREEMPTED_EXIT_CODE, Preempted
-from meshfit.engine.checkpoint.restore import load_weights, save_weights
+from meshfit.engine.checkpoint.weights import load_weights, save_weights
 from meshfit.engine.data import PerProcess
 from meshfit.engine.engine import Engine
 from meshfit.engine.hardware import hardware_info, hardware_report
 from meshfit.engine.module import TrainModule
 from meshfit.engine.stack import Stack
 from meshfit.engine.state import TrainState
-from meshfit.engine.step.batch_size import BatchSizeEstimate, find_batch_size
 
 __all__ = [
     "PREEMPTED_EXIT_CODE",

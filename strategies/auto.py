@@ -1,7 +1,7 @@
 """`strategy="auto"`: pick single / dp / fsdp from the train state's size and device memory.
 
 The engine first builds a provisional strategy (single on one device, else dp) to trace the
-abstract state, then calls `resolve_auto`, which may switch to FSDP before anything is allocated.
+abstract state, then calls `choose`, which may pick FSDP before anything is allocated.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-import jax
-
+from meshfit.engine.hardware import format_bytes, min_device_memory
+from meshfit.engine.trees import tree_bytes
 from meshfit.strategies.base import Strategy
 from meshfit.strategies.registry import resolve_strategy
 
@@ -24,22 +24,9 @@ class AutoChoice(NamedTuple):
     reason: str
 
 
-def _bytes(tree: Any) -> int:
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-
-
-def _fmt(n: float) -> str:
-    from meshfit.engine.hardware import format_bytes
-
-    return format_bytes(n)
-
-
-def device_memory_limit(devices: Sequence[Any]) -> int | None:
-    """The smallest per-device memory over `devices`, or None where the platform reports none."""
-    from meshfit.engine.hardware import device_memory
-
-    limits = [device_memory(d) for d in devices]
-    return None if not limits or None in limits else min(limits)
+#: The smallest per-device memory over the devices (None where unreported); a module attribute
+#: so tests can pretend a memory size.
+device_memory_limit = min_device_memory
 
 
 def choose_strategy(
@@ -52,9 +39,9 @@ def choose_strategy(
     buffer) against one device's memory."""
     if num_devices == 1:
         return AutoChoice("single", "one device")
-    state = _bytes(abstract_state)
-    need = state + _bytes(abstract_state.params)  # the step also holds one set of gradients
-    what = f"replicated state {_fmt(state)} + gradients = {_fmt(need)} per device"
+    state = tree_bytes(abstract_state)
+    need = state + tree_bytes(abstract_state.params)  # the step also holds one set of gradients
+    what = f"replicated state {format_bytes(state)} + gradients = {format_bytes(need)} per device"
     if memory_per_device is None:
         return AutoChoice(
             "dp", f"{what}; device memory is not reported on this platform, so dp is assumed to fit"
@@ -63,27 +50,18 @@ def choose_strategy(
     if need <= budget:
         return AutoChoice(
             "dp",
-            f"{what} fits in {fraction:.0%} of the {_fmt(memory_per_device)} per device",
+            f"{what} fits in {fraction:.0%} of the {format_bytes(memory_per_device)} per device",
         )
     return AutoChoice(
         "fsdp",
-        f"{what} exceeds {fraction:.0%} of the {_fmt(memory_per_device)} per device; "
-        f"sharding it over {num_devices} devices needs ~{_fmt(need / num_devices)} each",
+        f"{what} exceeds {fraction:.0%} of the {format_bytes(memory_per_device)} per device; "
+        f"sharding it over {num_devices} devices needs ~{format_bytes(need / num_devices)} each",
     )
 
 
-def resolve_auto(engine: Any, strategy: Strategy, abstract_state: Any) -> Strategy:
-    """For `strategy="auto"`, the final strategy (set up on the engine's devices) once the
-    abstract state is known; any other strategy is returned unchanged."""
-    if engine.strategy_arg != "auto":
-        return strategy
-    devices = engine.devices
+def choose(abstract_state: Any, devices: Sequence[Any]) -> tuple[Strategy, str]:
+    """The strategy "auto" picks for this state on these devices (set up on them), and why."""
     choice = choose_strategy(abstract_state, len(devices), device_memory_limit(devices))
-    if choice.name != strategy.name:
-        strategy = resolve_strategy(choice.name, len(devices))
-        strategy.setup(devices)
-    if getattr(strategy, "auto_reason", None) != choice.reason:
-        strategy.auto_reason = choice.reason
-        if jax.process_index() == 0:
-            print(f"[meshfit] strategy 'auto' -> {choice.name!r}: {choice.reason}", flush=True)
-    return strategy
+    strategy = resolve_strategy(choice.name, len(devices))
+    strategy.setup(devices)
+    return strategy, choice.reason

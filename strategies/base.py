@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from meshfit.engine.trees import is_variable, path_str
 
 
 def make_mesh(shape: Sequence[int], names: Sequence[str], devices: Sequence[Any]) -> Mesh:
@@ -22,6 +24,31 @@ def nearest_multiples(n: int, k: int) -> str:
     """The multiples of `k` around `n`, for error messages: '96 or 104' (or '8' below k)."""
     lo, hi = (n // k) * k, (n // k + 1) * k
     return f"{lo} or {hi}" if lo else f"{hi}"
+
+
+class Layout(NamedTuple):
+    """A strategy's answer for one train state: the shardings of every leaf, the partition spec
+    of every parameter (by '/'-joined path), and, for a pipeline, the layers of each Stack."""
+
+    shardings: Any
+    param_specs: dict[str, P]
+    stacks: dict[str, int] = {}  # noqa: RUF012 (an immutable default: never mutated)
+
+    def describe(self) -> str:
+        """One line for the model summary: how many parameters are sharded."""
+        sharded = sum(1 for spec in self.param_specs.values() if any(spec))
+        return f"{sharded}/{len(self.param_specs)} parameters sharded"
+
+
+def param_specs(shardings: Any) -> dict[str, P]:
+    """The partition spec of every parameter in a train state's shardings (or of every leaf of
+    a plain state's), by path."""
+    params = getattr(shardings, "params", shardings)
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_variable)[0]
+    return {
+        path_str(keypath): (leaf.get_value() if is_variable(leaf) else leaf).spec
+        for keypath, leaf in flat
+    }
 
 
 class Strategy:
@@ -81,6 +108,11 @@ class Strategy:
         """Shardings for every leaf of the train state; replicated unless a subclass shards."""
         return jax.tree.map(lambda _: self.replicated(), abstract_state)
 
+    def layout(self, abstract_state: Any) -> Layout:
+        """The whole answer for a train state (`state_shardings` plus what it implies)."""
+        shardings = self.state_shardings(abstract_state)
+        return Layout(shardings, param_specs(shardings))
+
     def batch_sharding(self, ndim: int) -> NamedSharding:
         """The layout of one batch leaf: leading dimension split over `data_axes`."""
         if ndim == 0:
@@ -102,10 +134,12 @@ class Strategy:
                 "(Engine(devices=...))."
             )
 
-    def describe(self) -> str:
+    def describe(self, layout: Layout | None = None) -> str:
+        """One line for the model summary (with a layout: how many parameters are sharded)."""
         mesh = self._require_mesh()
         axes = " x ".join(f"{n}={s}" for n, s in mesh.shape.items())
-        return f"{type(self).__name__} on {mesh.devices.size} device(s), mesh {axes}"
+        text = f"{type(self).__name__} on {mesh.devices.size} device(s), mesh {axes}"
+        return text if layout is None else f"{text}; {layout.describe()}"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -16,7 +16,7 @@ from typing import Any
 from jax.sharding import Mesh, NamedSharding
 
 from meshfit.strategies import rules as R
-from meshfit.strategies.base import Strategy, make_mesh
+from meshfit.strategies.base import Layout, Strategy, make_mesh
 
 DEFAULT_MIN_SHARD_BYTES = 4096
 
@@ -110,7 +110,6 @@ class Hybrid(Strategy):
                 )
         self.logical_rules = {**R.DEFAULT_LOGICAL_RULES, **self.user_logical}
         self.min_shard_bytes = min_shard_bytes
-        self.param_specs: dict = {}
 
     # ------------------------------------------------------------------ mesh
     def preset(self, n: int) -> dict[str, int]:
@@ -207,20 +206,17 @@ class Hybrid(Strategy):
         return R.add_largest_dim(info, spec, "fsdp", mesh, self.min_shard_bytes)
 
     def state_shardings(self, abstract_state: Any) -> Any:
-        shardings, self.param_specs = R.layout_state(
-            abstract_state, self._require_mesh(), self.param_spec
-        )
-        return shardings
+        return R.layout_state(abstract_state, self._require_mesh(), self.param_spec)[0]
 
-    def describe(self) -> str:
+    def describe(self, layout: Layout | None = None) -> str:
         mesh = self._require_mesh()
         axes = " x ".join(f"{n}={s}" for n, s in mesh.shape.items())
-        sharded = sum(1 for s in self.param_specs.values() if len(s) and any(e for e in s))
-        return (
+        text = (
             f"{type(self).__name__} on {mesh.devices.size} device(s), mesh {axes}: batch over "
             f"{' x '.join(self.data_axes)} ({self.data_parallel_size}-way), {self.num_replicas} "
-            f"model replica(s), {sharded}/{len(self.param_specs)} parameters sharded"
+            "model replica(s)"
         )
+        return text if layout is None else f"{text}; {layout.describe()}"
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{k}={v}" for k, v in self.axes.items())

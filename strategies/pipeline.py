@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from meshfit.engine.stack import Stack, scan_layers, stack_executor, stack_size
-from meshfit.strategies.base import Strategy, make_mesh, nearest_multiples
+from meshfit.strategies.base import Layout, Strategy, make_mesh, nearest_multiples, param_specs
 
 SCHEDULES = ("gpipe", "circular")
 
@@ -94,7 +94,6 @@ class Pipeline(Strategy):
         self.stages, self.microbatches, self.data = stages, microbatches, data
         self._requested = (stages, microbatches, data)  # resolved against the devices in setup
         self.schedule, self.repeats = schedule, repeats
-        self._stacks: dict[str, int] = {}  # stacked variable path -> number of layers
 
     # ------------------------------------------------------------------ placement
     def build_mesh(self, devices: list[Any]) -> Mesh:
@@ -130,6 +129,10 @@ class Pipeline(Strategy):
 
     def state_shardings(self, abstract_state: Any) -> Any:
         """Stacked variables (and optimizer state mirroring them) on `stage`; the rest replicated."""
+        return self.layout(abstract_state).shardings
+
+    def layout(self, abstract_state: Any) -> Layout:
+        """`state_shardings`, with the layers of each Stack (stacked variable path -> layers)."""
         self._require_mesh()
         stacks: dict[str, int] = {}
 
@@ -164,8 +167,7 @@ class Pipeline(Strategy):
                     f"{self.stages}{hint} = {per}. Use a multiple of {per} layers, or stages/"
                     f"repeats whose product divides {layers}."
                 )
-        self._stacks = stacks  # for describe(), which the model summary prints at fit start
-        return shardings
+        return Layout(shardings, param_specs(shardings), stacks)
 
     def check_batch_size(self, global_batch_size: int, what: str = "Global batch size") -> None:
         need = self.microbatches * self.data_parallel_size
@@ -213,22 +215,20 @@ class Pipeline(Strategy):
     def bubble(self) -> float:
         return bubble_fraction(self.stages, self.microbatches, self.repeats)
 
-    def describe(self) -> str:
-        """Stages, layers per stage, microbatches, schedule and bubble (printed at fit start)."""
+    def describe(self, layout: Layout | None = None) -> str:
+        """Stages, microbatches, schedule and bubble; with the layout, layers per stage."""
         mesh = self._require_mesh()
-        counts = ""
-        if self._stacks:
-            per_device = ", ".join(
-                str(n // self.stages) for n in sorted(set(self._stacks.values()))
-            )
-            total = ", ".join(str(n) for n in sorted(set(self._stacks.values())))
-            counts = f", layers per stage {per_device} (of {total})"
         virtual = f" x {self.repeats} repeats" if self.schedule == "circular" else ""
-        return (
+        text = (
             f"Pipeline on {mesh.devices.size} device(s), mesh data={self.data} x "
-            f"stage={self.stages}: {self.stages} stages{virtual}{counts}, {self.microbatches} "
+            f"stage={self.stages}: {self.stages} stages{virtual}, {self.microbatches} "
             f"microbatches, schedule {self.schedule}, bubble {self.bubble:.1%}"
         )
+        if layout is not None and layout.stacks:
+            layers = sorted(set(layout.stacks.values()))
+            per_stage = ", ".join(str(n // self.stages) for n in layers)
+            text += f"; layers per stage {per_stage} (of {', '.join(map(str, layers))})"
+        return text
 
     def __repr__(self) -> str:
         return (

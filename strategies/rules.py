@@ -16,9 +16,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from meshfit.engine.trees import is_variable, path_str
 
 #: Mesh axis names the sharded strategies understand.
 KNOWN_AXES = ("data", "fsdp", "tensor")
@@ -58,29 +59,15 @@ class ParamInfo(NamedTuple):
 
 
 # ---------------------------------------------------------------------- paths and leaves
-def _key_name(key: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def path_str(keypath: tuple) -> str:
-    """'/'-joined names of a pytree key path (`params/l1/kernel`)."""
-    return "/".join(_key_name(k) for k in keypath)
-
-
-def _is_variable(x: Any) -> bool:
-    return isinstance(x, nnx.Variable)
 
 
 def _value(leaf: Any) -> Any:
-    return leaf.get_value() if _is_variable(leaf) else leaf
+    return leaf.get_value() if is_variable(leaf) else leaf
 
 
 def annotation_of(leaf: Any) -> tuple[Axes, ...] | None:
     """The partition annotation flax stored on a variable (`out_sharding`), or None."""
-    if not _is_variable(leaf):
+    if not is_variable(leaf):
         return None
     meta = leaf.get_metadata()
     for key in ("out_sharding", "sharding_names", "sharding"):
@@ -225,7 +212,7 @@ def add_largest_dim(
 # ---------------------------------------------------------------------- whole state
 def param_infos(abstract_state: Any) -> dict[str, ParamInfo]:
     """ParamInfo for each parameter of a train state (its `params` field), by path."""
-    flat = jax.tree_util.tree_flatten_with_path(abstract_state.params, is_leaf=_is_variable)[0]
+    flat = jax.tree_util.tree_flatten_with_path(abstract_state.params, is_leaf=is_variable)[0]
     infos = {}
     for keypath, leaf in flat:
         value = _value(leaf)
@@ -261,21 +248,7 @@ def layout_state(
                 spec = specs[path]
                 break
         sharding = NamedSharding(mesh, spec)
-        return jax.tree.map(lambda _: sharding, leaf) if _is_variable(leaf) else sharding
+        return jax.tree.map(lambda _: sharding, leaf) if is_variable(leaf) else sharding
 
-    shardings = jax.tree_util.tree_map_with_path(place, abstract_state, is_leaf=_is_variable)
+    shardings = jax.tree_util.tree_map_with_path(place, abstract_state, is_leaf=is_variable)
     return shardings, specs
-
-
-def sharding_spec(x: Any) -> P | None:
-    """The PartitionSpec of an array's (or abstract array's) NamedSharding, if it has one."""
-    sharding = getattr(x, "sharding", None)
-    return getattr(sharding, "spec", None)
-
-
-def per_device_bytes(shape: tuple[int, ...], dtype: Any, spec: P | None, mesh: Mesh) -> int:
-    """Bytes one device holds of an array laid out by `spec` on `mesh`."""
-    total = math.prod(shape) * jnp.dtype(dtype).itemsize
-    if spec is None:
-        return total
-    return total // math.prod(_shard_count(e, mesh) for e in spec) if len(spec) else total

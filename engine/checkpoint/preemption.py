@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import signal
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+from jax.experimental import multihost_utils
 
 from meshfit.engine.processes import distributed
-
-if TYPE_CHECKING:
-    from meshfit.engine.engine import Engine
 
 #: Exit status after a preemption checkpoint: 75 is EX_TEMPFAIL ("try again later") in
 #: sysexits.h. A launcher that sees 75 should requeue the job; the job resumes with
@@ -69,23 +67,5 @@ class PreemptionWatcher:
             return self.flag
         if global_step % self.sync_every:
             return False
-        from jax.experimental import multihost_utils
-
         flags = multihost_utils.process_allgather(np.asarray(self.flag, np.int32))
         return bool(np.any(flags))
-
-
-def checkpoint_and_exit(engine: Engine) -> None:
-    """Save a complete checkpoint at the current step boundary, then raise `Preempted`."""
-    from meshfit.engine.checkpoint.format import CheckpointWriter, default_dir
-
-    for cb in engine.callbacks:
-        if hasattr(cb, "save_for_preemption"):
-            path = cb.save_for_preemption(engine)  # saved and finished
-            break
-    else:
-        writer = CheckpointWriter(default_dir(engine))
-        writer.save(engine)
-        writer.close()  # waits for the write to finish
-        path = writer.directory
-    raise Preempted(engine.global_step, path)

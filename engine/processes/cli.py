@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from meshfit.engine.processes.launch import main as launch
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -13,8 +15,6 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0 if argv else 2
     if argv[0] == "launch":
-        from meshfit.engine.processes.launch import main as launch
-
         return launch(argv[1:])
     print(f"meshfit: unknown command {argv[0]!r}; the only command is 'launch'.", file=sys.stderr)
     return 2

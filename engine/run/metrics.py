@@ -44,6 +44,19 @@ class MetricWindow:
             }
             self._on_host += 1
 
+    def state_dict(self) -> dict[str, Any]:
+        """The steps not yet combined, as floats (waits for them): what a checkpoint keeps so
+        the resumed run's next log averages the same steps."""
+        steps = jax.device_get(self._steps)
+        return {
+            "steps": [{k: float(np.asarray(v)) for k, v in s.items()} for s in steps],
+            "weights": list(self._weights),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for values, weight in zip(state.get("steps", []), state.get("weights", []), strict=True):
+            self.add({k: np.float32(v) for k, v in values.items()}, weight=weight)
+
     def compute(self) -> dict[str, float]:
         """Combine and clear the window (waits for the newest step, then reads the rest)."""
         jax.block_until_ready(self._steps[self._on_host :])

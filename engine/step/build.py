@@ -1,4 +1,5 @@
-"""Building the pure step functions: `(state, batch) -> (state, metrics)` and the eval step.
+"""Building the steps: the pure `(state, batch) -> (state, metrics)` train step with the in-step
+transforms composed inside, its jitted form over the state's flat leaves, and the eval step.
 
 The module is split once (graphdef + state); each step merges a copy inside the traced
 function, runs the user's method, and returns the new non-parameter state as output, so
@@ -8,7 +9,9 @@ Dropout/BatchNorm work under `jax.grad` and nothing is traced more than once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,9 +20,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from meshfit.engine.hooks import StepTransform
+from meshfit.engine.hooks import StepContext, StepTransform
 from meshfit.engine.module import MetricMeta, log_scope
 from meshfit.engine.state import TrainState
+from meshfit.strategies.base import Strategy
 
 PRECISIONS = {"fp32": None, "32": None, "bf16": jnp.bfloat16, "fp16": jnp.float16}
 
@@ -70,6 +74,12 @@ def extract_loss(out: Any) -> jax.Array:
     return loss.astype(jnp.float32)
 
 
+def _wrap_grad(t: StepTransform, grad_fn: Callable, ctx: StepContext) -> Callable:
+    """`t.wrap_grad_fn(grad_fn, ctx)`, or `(grad_fn)` for a transform written before contexts."""
+    params = inspect.signature(t.wrap_grad_fn).parameters
+    return t.wrap_grad_fn(grad_fn, ctx) if len(params) >= 2 else t.wrap_grad_fn(grad_fn)
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
@@ -78,9 +88,19 @@ def make_train_step(
     *,
     compute_dtype: Any = None,
     context: Callable[[], Any] = contextlib.nullcontext,
+    step_context: StepContext | None = None,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
-    """The pure training step, composing the in-step transforms around one optimizer update."""
+    """The pure training step, composing the in-step transforms around one optimizer update.
+
+    `meta` (this step's own dict) collects how each logged metric is combined while the step
+    is traced: the transforms' declared reductions, then what `self.log` records.
+    """
     meta["loss"] = MetricMeta("mean", prog_bar=True)
+    for t in transforms:
+        for name, reduce in t.metric_reductions.items():
+            meta.setdefault(name, MetricMeta(reduce))
+    base = step_context or StepContext()
+    ctx = dataclasses.replace(base, metric_reduce=lambda name: meta.get(name, MetricMeta()).reduce)
 
     def loss_fn(params, rest, batch, extra):
         out, logs, new_rest = _run_method(
@@ -102,7 +122,7 @@ def make_train_step(
         with context():
             grad_fn = functools.partial(jax.grad(loss_fn, has_aux=True), extra=state.extra)
             for t in transforms:
-                grad_fn = t.wrap_grad_fn(grad_fn)
+                grad_fn = _wrap_grad(t, grad_fn, ctx)
             grads, (logs, rest) = grad_fn(state.params, state.rest, batch)
 
         extra, ok = dict(state.extra), None
@@ -117,7 +137,10 @@ def make_train_step(
         def update(state: TrainState) -> TrainState:
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
-            return TrainState(state.step + 1, params, rest, opt_state, extra)
+            new_extra = {
+                t.state_key: t.after_update(extra[t.state_key], params, ctx) for t in transforms
+            }
+            return TrainState(state.step + 1, params, rest, opt_state, {**extra, **new_extra})
 
         if ok is None:
             return update(state), logs
@@ -127,6 +150,51 @@ def make_train_step(
         return jax.lax.cond(ok, update, lambda s: s.replace(extra=extra), state), logs
 
     return train_step
+
+
+def jit_train_step(
+    plan: Any,
+    strategy: Strategy,
+    transforms: Sequence[StepTransform],
+    meta: dict[str, MetricMeta],
+    precision: str,
+    batch_example: Any,
+) -> Any:
+    """The pure step `(state leaves, batch) -> (state leaves, metrics)` for a `StatePlan`,
+    jitted with the strategy's layouts and the leaves donated (lower it with leaves and a
+    batch to compile). `meta` fills with the metrics' reductions when the step is traced.
+
+    The step takes the state's flat leaves rather than the `TrainState`: flattening and
+    rebuilding its nnx Variables on every call costs the host ~0.1 ms a step.
+    """
+    treedef = jax.tree.structure(plan.abstract)
+    ctx = StepContext(
+        mesh=strategy.mesh,
+        batch_sharding=strategy.batch_sharding,
+        param_shardings=plan.shardings.params,
+    )
+    step = make_train_step(
+        plan.graphdef,
+        plan.tx,
+        transforms,
+        meta,
+        compute_dtype=PRECISIONS[precision],
+        context=strategy.step_context,
+        step_context=ctx,
+    )
+
+    def train_step(leaves, batch):  # the name profiles show: PjitFunction(train_step)
+        state, metrics = step(treedef.unflatten(leaves), batch)
+        return treedef.flatten_up_to(state), metrics
+
+    state_shardings = treedef.flatten_up_to(plan.shardings)
+    batch_shardings = jax.tree.map(lambda x: strategy.batch_sharding(x.ndim), batch_example)
+    return jax.jit(
+        train_step,
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, strategy.replicated()),
+        donate_argnums=0,
+    )
 
 
 def make_eval_step(

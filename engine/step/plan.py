@@ -1,14 +1,14 @@
-"""Before the loop: the train state's plan (structure, layout), the state itself, the jitted step.
+"""Before the loop: the train state's plan (structure, layout) and the state itself.
 
 `plan_state` knows everything about the state without allocating it (fit, `find_batch_size` and
-`auto` placement use it); `build_state` creates it laid out by the strategy; `jit_train_step`
-jits the pure step over the state's flat leaves, so the hot loop never rebuilds the pytree.
+`auto` placement use it); `build_state` creates it laid out by the strategy. The jitted step
+over the state's flat leaves is built in `meshfit.engine.step.build`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,13 +16,10 @@ import optax
 from flax import nnx
 
 from meshfit.engine.hooks import StepTransform
-from meshfit.engine.module import MetricMeta, overrides
+from meshfit.engine.module import overrides
 from meshfit.engine.state import TrainState
-from meshfit.engine.step.build import PRECISIONS, make_train_step, split_module
-from meshfit.strategies import Strategy
-
-if TYPE_CHECKING:
-    from meshfit.engine.engine import Engine
+from meshfit.engine.step.build import split_module
+from meshfit.strategies.base import Layout, Strategy
 
 ModuleOrFactory = nnx.Module | Callable[[], nnx.Module]
 
@@ -37,6 +34,7 @@ class StatePlan(NamedTuple):
     init: Callable[[nnx.State, nnx.State], TrainState]
     abstract: TrainState
     shardings: TrainState
+    layout: Layout
 
 
 def make_optimizer(
@@ -58,12 +56,15 @@ def make_optimizer(
     return optax.chain(clip, tx)
 
 
-def plan_state(engine: Engine, module_or_factory: ModuleOrFactory) -> StatePlan:
-    """Template module, optimizer, `init(params, rest)`, abstract state and its shardings.
-    Allocates nothing. May replace `engine.strategy` ("auto" resolves by the state's size)."""
-    from meshfit.strategies.auto import resolve_auto
-
-    strategy = engine._setup_strategy()
+def plan_state(
+    module_or_factory: ModuleOrFactory,
+    strategy: Strategy,
+    transforms: Sequence[StepTransform] = (),
+    clip_val: float | None = None,
+    clip_algorithm: str = "norm",
+) -> StatePlan:
+    """Template module, optimizer, `init(params, rest)`, abstract state and its layout under
+    `strategy` (set up). Allocates nothing and changes nothing."""
     is_factory = not isinstance(module_or_factory, nnx.Module)
     if is_factory and not callable(module_or_factory):
         raise TypeError(
@@ -82,8 +83,7 @@ def plan_state(engine: Engine, module_or_factory: ModuleOrFactory) -> StatePlan:
                 f"{type(template).__name__} has no training_step. Subclass meshfit.TrainModule "
                 "and define `def training_step(self, batch): ... return loss`."
             )
-        tx = make_optimizer(template, engine.gradient_clip_val, engine.gradient_clip_algorithm)
-        transforms = engine.transforms
+        tx = make_optimizer(template, clip_val, clip_algorithm)
         graphdef, params, rest = split_module(template)
 
         def init(params, rest):
@@ -91,9 +91,15 @@ def plan_state(engine: Engine, module_or_factory: ModuleOrFactory) -> StatePlan:
             return TrainState(jnp.zeros((), jnp.int32), params, rest, tx.init(params), extra)
 
         abstract = jax.eval_shape(init, params, rest)
-        strategy = engine.strategy = resolve_auto(engine, strategy, abstract)
-        shardings = strategy.state_shardings(abstract)
-    return StatePlan(graphdef, params, rest, tx, init, abstract, shardings)
+        layout = strategy.layout(abstract)
+    return StatePlan(graphdef, params, rest, tx, init, abstract, layout.shardings, layout)
+
+
+def relayout(plan: StatePlan, strategy: Strategy) -> StatePlan:
+    """The same plan laid out by another strategy (e.g. the one "auto" chose)."""
+    with jax.set_mesh(strategy.mesh), nnx.use_eager_sharding(False):
+        layout = strategy.layout(plan.abstract)
+    return plan._replace(shardings=layout.shardings, layout=layout)
 
 
 def build_state(
@@ -116,41 +122,3 @@ def build_state(
             may_alias=False,
         )
         return jax.jit(plan.init, out_shardings=plan.shardings)(params, rest), None
-
-
-def jit_train_step(
-    plan: StatePlan,
-    strategy: Strategy,
-    transforms: Sequence[StepTransform],
-    metric_meta: dict[str, MetricMeta],
-    precision: str,
-    batch_example: Any,
-) -> Any:
-    """The pure step `(state leaves, batch) -> (state leaves, metrics)`, jitted with the
-    strategy's layouts and the leaves donated (lower it with leaves and a batch to compile).
-
-    The step takes the state's flat leaves rather than the `TrainState`: flattening and
-    rebuilding its nnx Variables on every call costs the host ~0.1 ms a step.
-    """
-    treedef = jax.tree.structure(plan.abstract)
-    step = make_train_step(
-        plan.graphdef,
-        plan.tx,
-        transforms,
-        metric_meta,
-        compute_dtype=PRECISIONS[precision],
-        context=strategy.step_context,
-    )
-
-    def train_step(leaves, batch):  # the name profiles show: PjitFunction(train_step)
-        state, metrics = step(treedef.unflatten(leaves), batch)
-        return treedef.flatten_up_to(state), metrics
-
-    state_shardings = treedef.flatten_up_to(plan.shardings)
-    batch_shardings = jax.tree.map(lambda x: strategy.batch_sharding(x.ndim), batch_example)
-    return jax.jit(
-        train_step,
-        in_shardings=(state_shardings, batch_shardings),
-        out_shardings=(state_shardings, strategy.replicated()),
-        donate_argnums=0,
-    )

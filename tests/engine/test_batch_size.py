@@ -6,7 +6,8 @@ import pytest
 from flax import nnx
 
 from meshfit import BatchSizeEstimate, Engine, find_batch_size
-from meshfit.engine.step.batch_size import search_largest, step_bytes
+from meshfit.engine.batch_size import search_largest
+from meshfit.engine.hardware import compiled_memory as step_bytes
 from tests.models import MLP, classification_data, quiet
 
 DATA = classification_data(n=256, features=32)

@@ -6,9 +6,8 @@ import optax
 import pytest
 from flax import nnx
 
-import meshfit.engine.run.loop
+import meshfit.engine.run.inflight
 from meshfit import Engine, TrainModule
-from meshfit.engine.run.loop import in_flight_limit
 from tests.models import MLP, classification_data, quiet
 
 
@@ -197,7 +196,7 @@ def test_steps_in_flight_default_by_placement(
     far as the batches' memory budget allows; several devices: 2 (the XLA:CPU collective stall,
     device memory); an explicit bound wins."""
     if budget is not None:
-        monkeypatch.setattr(meshfit.engine.run.loop, "QUEUED_BATCH_BYTES", budget)
+        monkeypatch.setattr(meshfit.engine.run.inflight, "QUEUED_BATCH_BYTES", budget)
     engine = Engine(
         strategy,
         max_steps=20,
@@ -207,5 +206,5 @@ def test_steps_in_flight_default_by_placement(
         **quiet(),
     )
     engine.fit(MLP(nnx.Rngs(0)), classification_data(n=256))
-    assert in_flight_limit(engine) == expected
+    assert engine.run.in_flight_limit == expected
     assert np.isfinite(engine.callback_metrics["loss"])

@@ -7,7 +7,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from meshfit import Engine
-from meshfit.engine.state import tree_bytes
+from meshfit.engine.trees import tree_bytes
 from meshfit.strategies import FSDP, Hybrid
 from tests.models import MLP, classification_data, quiet
 from tests.strategies.test_hybrid import AnnotatedMLP, make_annotated

@@ -12,7 +12,7 @@ from tests.models import MLP, classification_data, quiet
 
 def abstract_state(hidden=256):
     engine = Engine(strategy="dp", max_steps=1, **quiet())
-    return engine._plan_state(MLP(nnx.Rngs(0), hidden=hidden)).abstract
+    return engine.plan(MLP(nnx.Rngs(0), hidden=hidden)).abstract
 
 
 def test_choice_follows_state_bytes_against_device_memory():

@@ -7,7 +7,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from meshfit import Engine
-from meshfit.engine.state import max_device_bytes, tree_bytes
+from meshfit.engine.trees import max_device_bytes, tree_bytes
 from meshfit.strategies import FSDP, resolve_strategy
 from tests.models import MLP, classification_data, quiet
 
@@ -44,7 +44,7 @@ def test_fsdp_shards_state_8_ways_and_matches_single_device():
     assert small < 0.1 * total  # only biases and the step counters stay replicated
     assert per_device <= 1.05 * total / 8 + small
     # the large parameters and their Adam moments share one layout: largest divisible dim
-    specs = engine.strategy.param_specs
+    specs = engine.layout.param_specs
     assert specs["l1/kernel"] == P(None, "fsdp") and specs["l2/kernel"] == P("fsdp", None)
     assert specs["l1/bias"] == P()  # 1 KiB < min_shard_bytes
     adam = engine.state.opt_state[0]

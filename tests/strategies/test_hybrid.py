@@ -8,7 +8,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from meshfit import Engine, TrainModule
-from meshfit.engine.state import max_device_bytes, tree_bytes
+from meshfit.engine.trees import max_device_bytes, tree_bytes
 from meshfit.strategies import Hybrid, resolve_strategy
 from tests.models import MLP, classification_data, quiet
 
@@ -73,7 +73,7 @@ def test_data_fsdp_tensor_with_annotations_matches_single_and_splits_state_4_way
     assert max_abs_diff(params_of(single), params_of(module)) <= 1e-5
     assert max_abs_diff(params_of(single), params_of(make_annotated())) > 1e-3
 
-    specs = engine.strategy.param_specs  # "mlp" -> tensor from the annotation, then fsdp
+    specs = engine.layout.param_specs  # "mlp" -> tensor from the annotation, then fsdp
     assert specs["l1/kernel"] == P("fsdp", "tensor") and specs["l2/kernel"] == P("tensor", "fsdp")
     total = tree_bytes(engine.state)
     per_device = max_device_bytes(engine.state)
@@ -102,16 +102,18 @@ def test_regex_rules_and_annotations_give_identical_specs():
         data=2, fsdp=2, tensor=2, min_shard_bytes=0,
         rules={r"l1/kernel": (None, "tensor"), r"l2/kernel": ("tensor", None)},
     )  # fmt: skip
-    for strategy, module in (
-        (from_annotations, make_annotated()),
-        (from_rules, PlainMLP(nnx.Rngs(0))),
-    ):
-        Engine(strategy=strategy, max_steps=1, **quiet())._plan_state(module)  # layout only
-    assert from_annotations.param_specs == from_rules.param_specs
+    layouts = [
+        Engine(strategy=strategy, max_steps=1, **quiet()).plan(module).layout  # layout only
+        for strategy, module in (
+            (from_annotations, make_annotated()),
+            (from_rules, PlainMLP(nnx.Rngs(0))),
+        )
+    ]
+    assert layouts[0].param_specs == layouts[1].param_specs
     # users can override the logical rules: "mlp" replicated leaves only fsdp
     override = Hybrid(data=2, fsdp=2, tensor=2, logical_rules={"mlp": None}, min_shard_bytes=0)
-    Engine(strategy=override, max_steps=1, **quiet())._plan_state(make_annotated())
-    assert override.param_specs["l1/kernel"] == P(None, "fsdp")
+    layout = Engine(strategy=override, max_steps=1, **quiet()).plan(make_annotated()).layout
+    assert layout.param_specs["l1/kernel"] == P(None, "fsdp")
 
 
 def test_derived_sizes_and_presets():

@@ -11,7 +11,7 @@ from flax import nnx
 from jax.sharding import AxisType
 
 from meshfit import Engine, Stack, TrainModule
-from meshfit.engine.state import max_device_bytes, tree_bytes
+from meshfit.engine.trees import max_device_bytes, tree_bytes
 from meshfit.strategies import Pipeline
 from meshfit.strategies.pipeline import bubble_fraction, pipeline_apply
 from tests.models import MLP, classification_data, quiet
@@ -169,8 +169,8 @@ def test_bubble_fraction_and_report():
     strategy = Pipeline(stages=4, schedule="circular", repeats=2, microbatches=8)
     strategy.setup(jax.devices())
     assert (strategy.stages, strategy.data) == (4, 2)
-    strategy.state_shardings(nnx.state(nnx.eval_shape(lambda: StackNet(nnx.Rngs(0)))))
-    text = strategy.describe()
+    layout = strategy.layout(nnx.state(nnx.eval_shape(lambda: StackNet(nnx.Rngs(0)))))
+    text = strategy.describe(layout)
     for part in ("4 stages", "2 repeats", "layers per stage 2", "8 microbatches", "circular"):
         assert part in text, text
     assert f"bubble {3 / 19:.1%}" in text

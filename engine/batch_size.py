@@ -14,7 +14,9 @@ import jax
 import numpy as np
 
 from meshfit.engine.data import make_loader
-from meshfit.engine.step.plan import jit_train_step
+from meshfit.engine.engine import Engine
+from meshfit.engine.hardware import compiled_memory, min_device_memory
+from meshfit.engine.step.build import jit_train_step
 
 
 class BatchSizeEstimate(NamedTuple):
@@ -23,32 +25,6 @@ class BatchSizeEstimate(NamedTuple):
 
     batch_size: int
     bytes_per_device: int
-
-
-def step_bytes(compiled: Any) -> int:
-    """Per-device bytes a compiled executable needs while it runs (XLA's static estimate)."""
-    m = compiled.memory_analysis()
-    return int(
-        m.argument_size_in_bytes
-        + m.output_size_in_bytes
-        - m.alias_size_in_bytes
-        + m.temp_size_in_bytes
-        + m.generated_code_size_in_bytes
-    )
-
-
-def device_memory_limit(devices: list[Any]) -> int | None:
-    """The smallest allocator limit (`bytes_limit`) over `devices`, or None if unreported."""
-    limits = []
-    for device in devices:
-        try:
-            stats = device.memory_stats()
-        except (NotImplementedError, RuntimeError):
-            stats = None
-        if not stats or "bytes_limit" not in stats:
-            return None
-        limits.append(int(stats["bytes_limit"]))
-    return min(limits) if limits else None
 
 
 def _row_spec(data: Any) -> tuple[Any, int | None]:
@@ -123,19 +99,17 @@ def find_batch_size(
         engine_kwargs: other `Engine` arguments that change the step (devices, precision,
             callbacks with in-step transforms, gradient_clip_val, ...).
     """
-    from meshfit.engine.engine import Engine
-
     engine_kwargs.setdefault("enable_progress_bar", False)
     engine_kwargs.setdefault("logger", False)
     engine_kwargs.setdefault("max_steps", 1)
     engine = Engine(strategy=strategy, **engine_kwargs)
     row, rows = _row_spec(data)
-    plan = engine._plan_state(module)
+    plan = engine.plan(module)
     strategy_ = engine.strategy
     dp, micro = strategy_.data_parallel_size, engine.micro_batches
 
     if memory_budget is None:
-        memory_budget = device_memory_limit(engine.devices)
+        memory_budget = min_device_memory(engine.devices)
         if memory_budget is None:
             raise ValueError(
                 f"find_batch_size: {engine.devices[0].platform} devices do not report their "
@@ -174,7 +148,7 @@ def find_batch_size(
             step = jit_train_step(plan, strategy_, engine.transforms, {}, engine.precision, batch)
             with jax.set_mesh(strategy_.mesh):
                 lowered = step.lower(jax.tree.leaves(abstract_state), batch)
-                measured[batch_size] = step_bytes(lowered.compile())
+                measured[batch_size] = compiled_memory(lowered.compile())
         return measured[batch_size]
 
     if bytes_for(dp) > memory_budget:

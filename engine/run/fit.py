@@ -1,0 +1,305 @@
+"""`FitRun`: one `Engine.fit`, from the plan to the written-back module, and its loop.
+
+It owns everything live: the train state (`LiveState`), the compiled step, the loaders, the
+placer, the metric window, the preemption watcher and the hook table. The `Engine` holds the
+configuration and the public counters (`global_step`, `current_epoch`, `batch_idx`,
+`should_stop`, `callback_metrics`) that callbacks read.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from typing import Any
+
+import jax
+from flax import nnx
+
+from meshfit.engine.checkpoint import find
+from meshfit.engine.checkpoint.format import host_meta
+from meshfit.engine.checkpoint.preemption import Preempted, PreemptionWatcher
+from meshfit.engine.checkpoint.restore import restore_state
+from meshfit.engine.checkpoint.writer import CheckpointWriter
+from meshfit.engine.data import make_loader
+from meshfit.engine.hardware import hardware_report
+from meshfit.engine.module import MetricMeta
+from meshfit.engine.processes import distributed
+from meshfit.engine.run.evaluate import EvalRun
+from meshfit.engine.run.inflight import InFlight, in_flight_limit
+from meshfit.engine.run.metrics import MetricWindow
+from meshfit.engine.state import LiveState, TrainState
+from meshfit.engine.step.build import jit_train_step
+from meshfit.engine.step.plan import ModuleOrFactory, StatePlan, build_state
+from meshfit.engine.trees import tree_bytes
+
+
+class FitRun(EvalRun):
+    """Built by `Engine.fit` once the plan exists; `execute` runs the loop to the end."""
+
+    def __init__(self, engine: Any, plan: StatePlan, module: ModuleOrFactory, train_data, val_data):
+        strategy, config = engine.strategy, engine.config
+        state, self.init_compiled = build_state(plan, module, strategy.mesh)
+        super().__init__(engine, strategy, plan.graphdef, LiveState(state), plan.layout)
+        strategy.check_batch_size(config.batch_size)
+        self.micro_batches = engine.micro_batches  # one step = this many batches (accumulation)
+        self.train_loader = self._loader(train_data, "train_data", train=True)
+        self.val_loader = None if val_data is None else self._loader(val_data, "val_data")
+        engine.num_training_batches = _length(self.train_loader)
+        self.batch_example = self._example_batch()
+        self.in_flight_limit = in_flight_limit(
+            config.max_in_flight, strategy.mesh, config.log_every_n_steps, self.batch_bytes
+        )
+        self.train_meta: dict[str, MetricMeta] = {}  # filled while the step is traced
+        self.train_step = jit_train_step(
+            plan, strategy, engine.transforms, self.train_meta, config.precision, self.batch_example
+        )
+        self.module = (
+            module
+            if isinstance(module, nnx.Module)
+            else nnx.merge(plan.graphdef, state.params, state.rest)
+        )
+        self.window = MetricWindow(self.train_meta)
+        self.compiled_step: Any = None
+        self.preemption = PreemptionWatcher()
+
+    def _loader(self, data: Any, name: str, train: bool = False) -> Any:
+        """Training loaders shuffle and drop the last partial batch."""
+        return make_loader(
+            data,
+            self.config.batch_size,
+            train=train,
+            seed=self.config.seed,
+            process_count=distributed.process_count(),
+            name=name,
+            micro_batches=self.micro_batches if train else 1,
+        )
+
+    def _example_batch(self) -> Any:
+        """Abstract first batch (shapes, dtypes, shardings) to compile the step before the loop.
+        The loop starts with this same generator, so a one-shot iterator loses nothing."""
+        engine = self.engine
+        batches = self.train_loader.epoch(
+            engine.current_epoch, engine.batch_idx, self.placer.rows_for
+        )
+        first = next(batches, None)
+        if first is None:
+            raise ValueError(
+                "train_data produced no batches; check that it is not an exhausted iterator."
+            )
+        self.first_batches = (
+            engine.current_epoch,
+            engine.batch_idx,
+            itertools.chain([first], batches),
+        )
+        if not first.sharded or first.global_size % self.strategy.data_parallel_size:
+            self.strategy.check_batch_size(first.global_size, "Training batch size")
+
+        def abstract(x):
+            shape = (first.global_size, *x.shape[1:]) if x.ndim else ()
+            return jax.ShapeDtypeStruct(
+                shape, x.dtype, sharding=self.strategy.batch_sharding(x.ndim)
+            )
+
+        example = jax.tree.map(abstract, first.local)
+        self.batch_bytes = tree_bytes(example)  # bounds the batches queued in flight
+        return example
+
+    # ------------------------------------------------------------------ checkpoints
+    def snapshot(self, position: tuple[int, int] | None = None) -> tuple[TrainState, dict]:
+        """The train state and the host meta a checkpoint holds (`position`: the data position
+        to resume at, default the current one)."""
+        engine = self.engine
+        callbacks = {cb.state_key: s for cb in engine.callbacks if (s := cb.state_dict())}
+        state = self.state
+        meta = host_meta(
+            global_step=engine.global_step,
+            position=position or (engine.current_epoch, engine.batch_idx),
+            seed=self.config.seed,
+            callbacks=callbacks,
+            callback_metrics=engine.callback_metrics,
+            metric_window=self.window.state_dict(),
+            opt_state=state.opt_state,
+        )
+        return state, meta
+
+    def restore(self, found: tuple[str, int]) -> None:
+        """Load a checkpoint: the state (resharded onto this run's layout), the data position,
+        the callback states, the latest metrics and the unlogged metric window."""
+        state, meta = restore_state(found, self.state)
+        self.live.replace(state)
+        engine = self.engine
+        engine.global_step = int(meta["global_step"])
+        engine.current_epoch = int(meta["current_epoch"])
+        engine.batch_idx = int(meta["batch_idx"])
+        engine.callback_metrics.update(meta.get("callback_metrics", {}))
+        states = meta.get("callbacks", {})
+        for cb in engine.callbacks:
+            if cb.state_key in states:
+                cb.load_state_dict(states[cb.state_key])
+        self.window.load_state_dict(meta.get("metric_window") or {})
+
+    def checkpoint_and_exit(self) -> None:
+        """Preemption: save a complete checkpoint at this step boundary, then raise `Preempted`."""
+        engine = self.engine
+        for cb in engine.callbacks:
+            if hasattr(cb, "save_for_preemption"):
+                path = cb.save_for_preemption(engine)  # saved and finished
+                break
+        else:
+            writer = CheckpointWriter(find.default_dir(self.config.default_root_dir))
+            writer.save(engine.global_step, *self.snapshot())
+            writer.close()  # waits for the write to finish
+            path = writer.directory
+        raise Preempted(engine.global_step, path)
+
+    # ------------------------------------------------------------------ the run
+    def execute(self, found: tuple[str, int] | None) -> None:
+        """Restore (if `found`), compile, then loop until done; the module always gets the
+        latest good state back, and `teardown` always runs."""
+        if found is not None:
+            self.restore(found)  # resharded onto this run's layout
+        engine = self.engine
+        # Tracing, compiling and the loop all run under the mesh (it is part of the trace key).
+        with jax.set_mesh(self.strategy.mesh):
+            self.compiled_step = self.train_step.lower(
+                self.live.leaves, self.batch_example
+            ).compile()
+            if engine.is_global_zero:
+                print(hardware_report(engine.devices), flush=True)
+            self.hooks("on_fit_start")
+            self.preemption.install()
+            try:
+                self.fit_loop()
+                self.hooks("on_fit_end")
+            except BaseException as exc:
+                self.hooks("on_exception", exc)
+                raise
+            finally:
+                self.preemption.uninstall()
+                self.write_back()
+                self.hooks("teardown")
+
+    def write_back(self) -> None:
+        """Put the trained variables back into the user's module (NNX: in place)."""
+        if not self.live.deleted():
+            nnx.update(self.module, self.state.params, self.state.rest)
+
+    def fit_loop(self) -> None:
+        """Epochs of steps until max_epochs / max_steps / should_stop, from the data position:
+        one dispatch per step, metrics read at the log cadence, hooks in documented order."""
+        engine, config, hooks, live, window = (
+            self.engine,
+            self.config,
+            self.hooks,
+            self.live,
+            self.window,
+        )
+        in_flight = InFlight(self.in_flight_limit)
+        batch_hooks = hooks.has("on_train_batch_start", "on_train_batch_end")
+        step, timings = self.train_step, engine.timings
+        log_every, val_every = config.log_every_n_steps, config.val_every_n_steps
+        validate_mid_epoch = self.val_loader is not None and val_every
+        timings.start()  # phases: waiting for data until the step is dispatched
+        while not self.finished():
+            hooks("on_train_epoch_start")
+            position, self.first_batches = self.first_batches, None
+            if position and position[:2] == (engine.current_epoch, engine.batch_idx):
+                batches = position[2]
+            else:
+                batches = self.train_loader.epoch(
+                    engine.current_epoch, engine.batch_idx, self.placer.rows_for
+                )
+            exhausted, epoch_start = True, engine.batch_idx
+            on_device = self.placer.prefetch(batches)
+            for batch, _rows in on_device:
+                if batch_hooks:
+                    hooks("on_train_batch_start", batch, engine.batch_idx)
+                timings.begin_step()
+                leaves, outputs = step(live.leaves, batch)
+                live.advance(leaves)
+                with timings.phase("data"):
+                    on_device.refill()  # the next batch's transfer overlaps this step
+                window.add(outputs)
+                in_flight.add(outputs)
+                window.settle()  # read the steps already finished, while the device runs on
+                timings.switch("data")
+                engine.global_step += 1
+                engine.batch_idx += 1
+                if engine.global_step % log_every == 0:
+                    self.log_window()
+                if batch_hooks:
+                    hooks("on_train_batch_end", outputs, batch, engine.batch_idx - 1)
+                if validate_mid_epoch and engine.global_step % val_every == 0:
+                    self.validation_pass(self.val_loader)
+                if self.preemption.requested(engine.global_step):
+                    self.checkpoint_and_exit()  # saves, then raises Preempted (exit 75)
+                if engine.should_stop or self.reached_max_steps():
+                    n = engine.num_training_batches
+                    exhausted = n is not None and engine.batch_idx >= n
+                    break
+            self.end_epoch(exhausted, epoch_start)
+        with timings.phase("step"):
+            jax.block_until_ready(live.leaves)
+        timings.stop()
+
+    def end_epoch(self, exhausted: bool, epoch_start: int) -> None:
+        engine = self.engine
+        n = engine.num_training_batches
+        at_end = n is not None and epoch_start >= n  # resumed just after the epoch's last batch
+        if engine.batch_idx == epoch_start and not at_end:
+            raise ValueError(
+                f"train_data produced no batches in epoch {engine.current_epoch}. A one-shot "
+                "iterator is exhausted after one epoch: pass a re-iterable (a list, or an "
+                "object whose __iter__ starts over) or stop with max_steps."
+            )
+        self.log_window()
+        validate_at_end = self.val_loader is not None and self.config.val_every_n_steps is None
+        if validate_at_end:  # at the epoch's end, or stopped mid-epoch: still report it
+            self.validation_pass(self.val_loader)
+        if exhausted:
+            self.hooks("on_train_epoch_end")
+            engine.current_epoch += 1
+            engine.batch_idx = 0
+
+    def finished(self) -> bool:
+        engine, max_epochs = self.engine, self.config.max_epochs
+        if engine.should_stop or self.reached_max_steps():
+            return True
+        return max_epochs is not None and engine.current_epoch >= max_epochs
+
+    def reached_max_steps(self) -> bool:
+        max_steps = self.config.max_steps
+        return max_steps is not None and self.engine.global_step >= max_steps
+
+    def log_window(self) -> None:
+        if len(self.window):
+            with self.engine.timings.phase("step"):  # reading the metrics waits for the device
+                metrics = self.window.compute()
+            self.log(metrics)
+
+    def train_metric_names(self) -> set[str]:
+        """Metrics the compiled train step returns (logged every `log_every_n_steps`)."""
+        names = set(self.train_meta)
+        if self.compiled_step is not None:
+            names |= set(self.compiled_step.out_info[1])
+        return names
+
+
+def resolve_checkpoint(engine: Any, ckpt_path: str | os.PathLike) -> tuple[str, int] | None:
+    """(directory, step) for `fit(ckpt_path=...)`, among the checkpoints this engine writes."""
+    root = engine.config.default_root_dir
+    directory = find.default_dir(root)
+    for cb in engine.callbacks:
+        resolved = getattr(cb, "resolved_dirpath", None)
+        if callable(resolved):
+            directory = resolved(engine)
+            break
+    return find.resolve(ckpt_path, directory, root)
+
+
+def _length(loader: Any) -> int | None:
+    """Batches per epoch, or None for an iterable without a length."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None

@@ -1,0 +1,39 @@
+"""How many dispatched steps may queue ahead of the host, and the queue that enforces it."""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import jax
+
+QUEUED_BATCH_BYTES = 256 * 2**20  # what steps queued on one CPU device may hold in batches
+
+
+def in_flight_limit(
+    max_in_flight: int | None, mesh: jax.sharding.Mesh, log_every: int, batch_bytes: int
+) -> int:
+    """`max_in_flight`, or the default: 2, except on a single CPU device, where steps queue up
+    to the next metric read (at most 64, and 256 MiB of batches). There each wait for the
+    device costs compute, as host and device share the cores: ~2.5% of a 17 ms step with 2 in
+    flight, none when the host waits only at metric reads."""
+    if max_in_flight is not None:
+        return max_in_flight
+    devices = mesh.devices
+    if devices.size == 1 and devices.flat[0].platform == "cpu":
+        by_memory = QUEUED_BATCH_BYTES // max(batch_bytes, 1)
+        return max(2, min(log_every, 64, by_memory))
+    return 2
+
+
+class InFlight:
+    """Bounds how many dispatched steps are queued ahead of the host: past `limit`, wait for
+    the oldest (bounds memory, and avoids the XLA:CPU collective stall of long queues)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.queue = limit, collections.deque()
+
+    def add(self, outputs: Any) -> None:
+        self.queue.append(outputs)
+        if len(self.queue) > self.limit:
+            jax.block_until_ready(self.queue.popleft())

@@ -79,26 +79,8 @@ class Engine:
         nan_guard: str | bool = "error",
         enable_model_summary: bool = True,
     ):
-        self.config = EngineConfig(
-            strategy=strategy,
-            devices=devices,
-            max_epochs=max_epochs,
-            max_steps=max_steps,
-            batch_size=batch_size,
-            callbacks=tuple(callbacks or ()),
-            seed=seed,
-            log_every_n_steps=log_every_n_steps,
-            val_every_n_steps=val_every_n_steps,
-            default_root_dir=default_root_dir,
-            enable_progress_bar=enable_progress_bar,
-            logger=logger,
-            precision=precision,
-            gradient_clip_val=gradient_clip_val,
-            gradient_clip_algorithm=gradient_clip_algorithm,
-            max_in_flight=max_in_flight,
-            nan_guard=nan_guard,
-            enable_model_summary=enable_model_summary,
-        )
+        args = {name: value for name, value in locals().items() if name != "self"}
+        self.config = EngineConfig(**args)  # every argument, checked before anything compiles
         distributed.initialize()  # no-op unless the environment describes a multi-process job
         self.devices = _resolve_devices(devices)
         self.callbacks = _with_defaults(self.config)

@@ -21,6 +21,7 @@ from meshfit.callbacks.summary import default_model_summary
 from meshfit.callbacks.tensorboard import TensorBoardLogger
 from meshfit.engine.config import EngineConfig
 from meshfit.engine.data import make_loader
+from meshfit.engine.datamodule import DataModule, data_for
 from meshfit.engine.hooks import Callback, StepTransform
 from meshfit.engine.module import MetricMeta, overrides
 from meshfit.engine.processes import distributed
@@ -87,6 +88,7 @@ class Engine:
         self.strategy: Strategy | None = None
         self.auto_reason: str | None = None  # why strategy="auto" chose what it chose
         self.run: EvalRun | None = None  # the current (or last) run: fit or validate
+        self.run_config: dict[str, Any] | None = None  # the CLI's resolved config, if any
         self.callback_metrics: dict[str, float] = {}
         self.global_step = 0  # optimizer steps dispatched (host counter; never reads the device)
         self.current_epoch = 0
@@ -226,14 +228,21 @@ class Engine:
     def fit(
         self,
         module: ModuleOrFactory,
-        train_data: Any,
+        train_data: Any = None,
         val_data: Any = None,
         ckpt_path: str | os.PathLike | None = None,
+        datamodule: DataModule | None = None,
     ) -> None:
         """Train `module` (an instance, updated in place; or a factory, built sharded).
 
         `ckpt_path` resumes from a checkpoint: "last", "best" or a path (see ModelCheckpoint).
+        `datamodule` (a `DataModule`) supplies the training and validation data instead.
         """
+        if datamodule is not None:
+            train_data = data_for(datamodule, "fit", train_data, "train_data", "fit()")
+            val_data = val_data if val_data is not None else datamodule.val_data()
+        elif train_data is None:
+            raise TypeError("fit() needs train_data, or datamodule=<a meshfit.DataModule>.")
         self.should_stop = False
         HookTable(self.callbacks, self, self.timings)("setup")
         found = resolve_checkpoint(self, ckpt_path) if ckpt_path is not None else None
@@ -241,8 +250,12 @@ class Engine:
         self.run = FitRun(self, plan, module, train_data, val_data)
         self.run.execute(found)
 
-    def validate(self, module: ModuleOrFactory, data: Any) -> dict[str, float]:
-        """Run `validation_step` over `data`; metrics averaged over the whole set (by batch size)."""
+    def validate(
+        self, module: ModuleOrFactory, data: Any = None, datamodule: DataModule | None = None
+    ) -> dict[str, float]:
+        """Run `validation_step` over `data` (or the datamodule's `val_data()`); metrics averaged
+        over the whole set (by batch size)."""
+        data = data_for(datamodule, "validate", data, "val_data", "validate()")
         if not overrides(module, "validation_step"):
             raise TypeError(f"{type(module).__name__} has no validation_step to run.")
         run = self.run

@@ -2,6 +2,7 @@
 
     python examples/digits.py                      # all devices, strategy "auto"
     python examples/digits.py --strategy fsdp --devices 8
+    meshfit fit --config examples/digits.yaml          # the same run from a config file
 
 On a machine without an accelerator, --devices N gives N virtual CPU devices.
 """
@@ -42,56 +43,14 @@ if args.devices and "MESHFIT_NUM_PROCESSES" not in os.environ:
         os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.devices}"
     )
 
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
+from digits_module import Classifier, DigitsData  # noqa: E402
 from flax import nnx  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
 
-from meshfit import Engine, TrainModule  # noqa: E402
-
-
-class Classifier(TrainModule):
-    def __init__(self, rngs: nnx.Rngs, lr: float = 3e-3):
-        self.l1 = nnx.Linear(64, 256, rngs=rngs)
-        self.l2 = nnx.Linear(256, 256, rngs=rngs)
-        self.out = nnx.Linear(256, 10, rngs=rngs)
-        self.lr = lr
-
-    def __call__(self, x):
-        return self.out(nnx.relu(self.l2(nnx.relu(self.l1(x)))))
-
-    def training_step(self, batch):
-        x, y = batch
-        logits = self(x)
-        self.log("acc", (logits.argmax(-1) == y).mean(), prog_bar=True)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    def validation_step(self, batch):
-        x, y = batch
-        logits = self(x)
-        self.log("val_loss", optax.softmax_cross_entropy_with_integer_labels(logits, y).mean())
-        self.log("val_acc", (logits.argmax(-1) == y).mean(), prog_bar=True)
-
-    def configure_optimizers(self):
-        steps = 30 * 23
-        return optax.adamw(
-            optax.cosine_decay_schedule(self.lr, steps, alpha=0.1), weight_decay=1e-4
-        )
-
-
-def load() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """1797 images; a fixed shuffle, 1500 for training and 297 for validation."""
-    digits = load_digits()
-    x = (digits.data / 16.0).astype(np.float32)
-    y = digits.target.astype(np.int32)
-    order = np.random.default_rng(0).permutation(len(x))
-    x, y = x[order], y[order]
-    return (x[:1500], y[:1500]), (x[1500:], y[1500:])
+from meshfit import Engine  # noqa: E402
 
 
 def main() -> int:
-    train, val = load()
-    module = Classifier(nnx.Rngs(0), lr=args.lr)
+    module = Classifier(nnx.Rngs(0), lr=args.lr, steps=args.epochs * 23)
     engine = Engine(
         strategy=args.strategy,
         max_epochs=args.epochs,
@@ -100,7 +59,7 @@ def main() -> int:
         default_root_dir=args.root,
         log_every_n_steps=10,
     )
-    engine.fit(module, train, val_data=val)
+    engine.fit(module, datamodule=DigitsData())
     metrics = engine.callback_metrics
     if engine.is_global_zero:
         print(

@@ -8,6 +8,7 @@ from meshfit.engine.checkpoint.format import CheckpointError
 from meshfit.engine.checkpoint.preemption import PREEMPTED_EXIT_CODE, Preempted
 from meshfit.engine.checkpoint.weights import load_weights, save_weights
 from meshfit.engine.data import PerProcess
+from meshfit.engine.datamodule import DataModule
 from meshfit.engine.engine import Engine
 from meshfit.engine.hardware import hardware_info, hardware_report
 from meshfit.engine.module import TrainModule
@@ -18,6 +19,7 @@ __all__ = [
     "PREEMPTED_EXIT_CODE",
     "BatchSizeEstimate",
     "CheckpointError",
+    "DataModule",
     "Engine",
     "PerProcess",
     "Preempted",

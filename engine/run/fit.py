@@ -119,6 +119,7 @@ class FitRun(EvalRun):
             callback_metrics=engine.callback_metrics,
             metric_window=self.window.state_dict(),
             opt_state=state.opt_state,
+            **({"config": engine.run_config} if engine.run_config is not None else {}),
         )
         return state, meta
 

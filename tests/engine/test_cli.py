@@ -14,6 +14,7 @@ from meshfit.engine.cli import ConfigError, MeshfitCLI
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
 CONFIG = os.path.abspath(os.path.join(EXAMPLES, "digits.yaml"))
+sys.path.insert(0, os.path.abspath(EXAMPLES))  # the example's model module, as the CLI does
 QUICK = [
     "--engine.max_epochs", "2", "--engine.enable_progress_bar", "false",
     "--engine.logger", "false", "--engine.enable_model_summary", "false",
@@ -113,3 +114,34 @@ def test_unknown_key_in_a_file_is_named_with_the_nearest_valid_ones(tmp_path):
         ConfigError, match=r"unknown config key 'engine.max_stepz'. Did you mean 'engine.max_steps'"
     ):
         MeshfitCLI(args=["fit", "--config", str(path)], run=False)
+
+
+def test_cli_under_launch_with_two_processes_equals_one_process(tmp_path):
+    """2 processes x 2 devices (dp) and 1 process x 4 devices give the same weights."""
+    from digits_module import Classifier
+    from flax import nnx
+
+    from meshfit import load_weights
+
+    script = os.path.abspath(os.path.join(EXAMPLES, "digits_cli.py"))
+    common = [script, "fit", "--config", CONFIG, *QUICK, "--engine.strategy", "dp"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.path.abspath(EXAMPLES)}
+    env["XLA_FLAGS"] = "--xla_cpu_collective_call_terminate_timeout_seconds=30"
+    runs = {
+        "two": [sys.executable, "-m", "meshfit.launch", "--nproc", "2",
+                "--cpu-devices-per-process", "2", *common],
+        "one": [sys.executable, *common, "--engine.devices", "4"],
+    }  # fmt: skip
+    weights = {}
+    for name, cmd in runs.items():
+        root = tmp_path / name
+        out = subprocess.run(
+            [*cmd, "--engine.default_root_dir", str(root)],
+            capture_output=True, text=True, timeout=420, env=env, cwd=tmp_path,
+        )  # fmt: skip
+        assert out.returncode == 0, (name, out.stdout[-1500:], out.stderr[-3000:])
+        module = Classifier(nnx.Rngs(1), hidden=32)
+        weights[name] = load_weights(module, root / "checkpoints")
+    a, b = (nnx.state(weights[k], nnx.Param) for k in ("two", "one"))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert np.max(np.abs(np.asarray(x) - np.asarray(y))) <= 1e-5

@@ -19,6 +19,7 @@ from meshfit.engine.checkpoint import format as checkpoint
 from meshfit.engine.checkpoint import restore
 from meshfit.engine.checkpoint.preemption import PreemptionWatcher
 from meshfit.engine.data import Placer, make_loader
+from meshfit.engine.data.checks import check_same_structure, example_rows
 from meshfit.engine.hardware import print_hardware_report
 from meshfit.engine.hooks import Callback, StepTransform, overridden_hooks
 from meshfit.engine.module import MetricMeta, overrides
@@ -61,6 +62,8 @@ class Engine:
         nan_guard: on a non-finite loss, skip the update and "error" (stop, naming the step) or
             "warn"; False turns the check off. Inactive with DynamicLossScaling (it skips).
         enable_model_summary: print the ModelSummary table at fit start (process 0).
+        data_workers: worker processes reading a random-access source (grain `mp_prefetch`);
+            0 reads it with threads in this process.
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class Engine:
         max_in_flight: int | None = None,
         nan_guard: str | bool = "error",
         enable_model_summary: bool = True,
+        data_workers: int = 0,
     ):
         if isinstance(strategy, str) and strategy not in available_strategies():
             raise ValueError(
@@ -122,6 +126,11 @@ class Engine:
             raise ValueError(
                 f"gradient_clip_algorithm={gradient_clip_algorithm!r}; use 'norm' (global norm) or 'value'."
             )
+        if not isinstance(data_workers, int) or data_workers < 0:
+            raise ValueError(
+                f"data_workers must be an integer >= 0 (0: read in this process), got "
+                f"{data_workers!r}."
+            )
         if gradient_clip_val is not None and not gradient_clip_val > 0:
             raise ValueError(f"gradient_clip_val must be > 0, got {gradient_clip_val!r}.")
 
@@ -139,7 +148,8 @@ class Engine:
             gradient_clip_val,
             gradient_clip_algorithm,
         )
-        self.max_in_flight = max_in_flight
+        self.max_in_flight, self.data_workers = max_in_flight, data_workers
+        self.train_loader: Any = None  # the running fit's training loader (its data state)
         self._batch_bytes = 0  # of one global batch, once fit has seen it
         self.callbacks = self._default_callbacks(list(callbacks or []), enable_progress_bar, logger)
         self.callbacks += default_nan_guard(nan_guard, self.callbacks)
@@ -314,8 +324,14 @@ class Engine:
         val_loader = None if val_data is None else self._loader(val_data, "val_data")
         self.num_training_batches = _length(train_loader)
         self._placer = Placer(strategy.batch_sharding, strategy.replicated())
+        self.train_loader = train_loader
+        self._val_loader, self._train_window = val_loader, MetricWindow(self.metric_meta)
+        # Restored before the first batch is read, so reading starts at the saved position.
+        restore.restore(self, resume_from)  # resharded onto this run's layout; no-op if None
 
         batch_example = self._example_batch(train_loader)
+        if val_loader is not None:
+            check_same_structure(example_rows(batch_example), val_loader.row_spec())
         self._batch_bytes = tree_bytes(batch_example)  # bounds the batches queued in flight
         self._train_step = jit_train_step(
             plan, strategy, self.transforms, self.metric_meta, self.precision, batch_example
@@ -326,8 +342,6 @@ class Engine:
             if isinstance(module, nnx.Module)
             else nnx.merge(self._graphdef, self.state.params, self.state.rest)
         )
-        self._val_loader, self._train_window = val_loader, MetricWindow(self.metric_meta)
-        restore.restore(self, resume_from)  # resharded onto this run's layout; no-op if None
         # Tracing, compiling and the loop all run under the mesh (it is part of the trace key).
         with jax.set_mesh(strategy.mesh):
             self.compiled_step = self._train_step.lower(
@@ -357,6 +371,7 @@ class Engine:
             process_count=distributed.process_count(),
             name=name,
             micro_batches=micro_batches or 1,
+            workers=self.data_workers,
         )
 
     def _example_batch(self, loader: Any) -> Any:

@@ -22,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint._src.checkpoint_managers import preservation_policy as ocp_keep
 
+from meshfit.engine.data import resume as data_resume
 from meshfit.engine.state import TrainState
 
 if TYPE_CHECKING:
@@ -161,6 +162,8 @@ def checkpoint_meta(engine: Engine, position: tuple[int, int] | None, extra: dic
         "callback_metrics": dict(engine.callback_metrics),
         "metric_window": _window_state(engine),
         "optimizer": optimizer_signature(engine.state.opt_state),
+        # the training iterator's state per process (None: the position is enough)
+        "data": data_resume.data_state(engine, (epoch, batch_idx)),
         **extra,
     }
 

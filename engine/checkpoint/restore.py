@@ -26,6 +26,7 @@ from meshfit.engine.checkpoint.format import (
     train_metadata,
     tree_mismatches,
 )
+from meshfit.engine.data import resume as data_resume
 from meshfit.engine.state import TrainState
 
 if TYPE_CHECKING:
@@ -108,6 +109,7 @@ def _restore_host(engine: Engine, meta: dict[str, Any]) -> None:
     for cb in engine.callbacks:
         if cb.state_key in states:
             cb.load_state_dict(states[cb.state_key])
+    data_resume.restore_data_state(engine, meta)  # this process's data-iterator state
     window = getattr(engine, "_train_window", None)
     saved = meta.get("metric_window") or {}
     if window is not None:

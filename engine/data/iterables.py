@@ -21,6 +21,7 @@ from meshfit.engine.data.placement import HostBatch, RowsFn
 # States kept for the newest batches handed out: enough for the Prefetcher's read-ahead and
 # gradient accumulation windows (k batches per step).
 STATES_KEPT = 1024
+_END = object()
 
 
 @dataclass(frozen=True)
@@ -110,10 +111,10 @@ class IterableLoader:
         get_state = (_methods(it) or (None,))[0]
         self._states.clear()
         for _ in range(skip):  # replay (a plain iterable has no state to restore)
-            if next(it, None) is None:
+            if next(it, _END) is _END:
                 return
         i = start
-        for batch in it:
+        while (batch := next(it, _END)) is not _END:
             batch = jax.tree.map(np.asarray, batch)
             host = self._host_batch(batch, epoch, i, rows_for)
             i += 1

@@ -178,7 +178,11 @@ def test_errors_missing_path_mismatched_params_other_optimizer_other_format(tmp_
     assert "l1/kernel: checkpoint float32[16, 32], this run float32[16, 48]" in msg
     msg = resume(MLP(nnx.Rngs(0), opt="sgd"), tmp_path)
     assert "different optimizer" in msg and "ScaleByAdamState" in msg
-    monkeypatch.setattr(meshfit.engine.checkpoint.format, "FORMAT_VERSION", meshfit.engine.checkpoint.format.FORMAT_VERSION + 1)
+    monkeypatch.setattr(
+        meshfit.engine.checkpoint.format,
+        "FORMAT_VERSION",
+        meshfit.engine.checkpoint.format.FORMAT_VERSION + 1,
+    )
     assert "written by an older meshfit" in resume(MLP(nnx.Rngs(0)), tmp_path)
 
 

@@ -3,7 +3,6 @@ read by 2 worker processes, and an IterDataset whose iterator state is checkpoin
 reads nothing before the checkpoint's position)."""
 
 import json
-import os
 import random
 import signal
 import subprocess

@@ -376,18 +376,17 @@ class Engine:
 
     def _example_batch(self, loader: Any) -> Any:
         """Abstract first batch (shapes, dtypes, shardings) to compile the step before the loop."""
-        batches = loader.epoch(self.current_epoch, self.batch_idx, self._placer.rows_for)
+        epoch, start = self.current_epoch, self.batch_idx
+        if self.num_training_batches is not None and start >= self.num_training_batches:
+            epoch, start = epoch + 1, 0  # resumed right after an epoch's last batch
+        batches = loader.epoch(epoch, start, self._placer.rows_for)
         first = next(batches, None)
         if first is None:
             raise ValueError(
                 "train_data produced no batches; check that it is not an exhausted iterator."
             )
         # The loop starts with this same generator, so a one-shot iterator loses nothing.
-        self._first_batches = (
-            self.current_epoch,
-            self.batch_idx,
-            itertools.chain([first], batches),
-        )
+        self._first_batches = (epoch, start, itertools.chain([first], batches))
         if not first.sharded or first.global_size % self.strategy.data_parallel_size:
             self.strategy.check_batch_size(first.global_size, "Training batch size")
 

@@ -48,6 +48,7 @@ class EngineConfig:
     max_in_flight: int | None = None
     nan_guard: str | bool = "error"
     enable_model_summary: bool = True
+    data_workers: int = 0
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -78,6 +79,15 @@ class EngineConfig:
             raise ValueError(
                 f"nan_guard={self.nan_guard!r} is not supported; use 'error' (stop at a "
                 "non-finite loss), 'warn' (skip such steps and warn) or False (no check)."
+            )
+        if (
+            isinstance(self.data_workers, bool)
+            or not isinstance(self.data_workers, int)
+            or (self.data_workers < 0)
+        ):
+            raise ValueError(
+                f"data_workers must be an integer >= 0 (0: read in this process), got "
+                f"{self.data_workers!r}."
             )
         for cb in self.callbacks:
             if not isinstance(cb, Callback):

@@ -57,6 +57,8 @@ class Engine:
         nan_guard: on a non-finite loss, skip the update and "error" (stop, naming the step) or
             "warn"; False turns the check off. Inactive with DynamicLossScaling (it skips).
         enable_model_summary: print the ModelSummary table at fit start (process 0).
+        data_workers: worker processes reading a random-access source (grain `mp_prefetch`);
+            0 reads it with threads in this process.
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class Engine:
         max_in_flight: int | None = None,
         nan_guard: str | bool = "error",
         enable_model_summary: bool = True,
+        data_workers: int = 0,
     ):
         args = {name: value for name, value in locals().items() if name != "self"}
         self.config = EngineConfig(**args)  # every argument, checked before anything compiles
@@ -156,6 +159,11 @@ class Engine:
     @property
     def val_metric_meta(self) -> dict[str, MetricMeta]:
         return {} if self.run is None else self.run.val_meta
+
+    @property
+    def train_loader(self) -> Any:
+        """The training data of the current fit (batched), or None."""
+        return getattr(self.run, "train_loader", None)
 
     @property
     def val_loader(self) -> Any:
@@ -247,8 +255,8 @@ class Engine:
         HookTable(self.callbacks, self, self.timings)("setup")
         found = resolve_checkpoint(self, ckpt_path) if ckpt_path is not None else None
         plan = self.plan(module)
-        self.run = FitRun(self, plan, module, train_data, val_data)
-        self.run.execute(found)
+        self.run = FitRun(self, plan, module, train_data, val_data, found)
+        self.run.execute()
 
     def validate(
         self, module: ModuleOrFactory, data: Any = None, datamodule: DataModule | None = None

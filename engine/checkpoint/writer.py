@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 import orbax.checkpoint as ocp
-from orbax.checkpoint import checkpoint_managers as ocp_keep
+from orbax.checkpoint.checkpoint_managers import preservation_policy as ocp_keep
 
 from meshfit.engine.checkpoint.format import item_handlers, train_item
 from meshfit.engine.state import TrainState

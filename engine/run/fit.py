@@ -21,6 +21,8 @@ from meshfit.engine.checkpoint.preemption import Preempted, PreemptionWatcher
 from meshfit.engine.checkpoint.restore import restore_state
 from meshfit.engine.checkpoint.writer import CheckpointWriter
 from meshfit.engine.data import make_loader
+from meshfit.engine.data.checks import check_same_structure, example_rows
+from meshfit.engine.data.resume import data_state, restore_data_state
 from meshfit.engine.hardware import hardware_report
 from meshfit.engine.module import MetricMeta
 from meshfit.engine.processes import distributed
@@ -36,7 +38,16 @@ from meshfit.engine.trees import tree_bytes
 class FitRun(EvalRun):
     """Built by `Engine.fit` once the plan exists; `execute` runs the loop to the end."""
 
-    def __init__(self, engine: Any, plan: StatePlan, module: ModuleOrFactory, train_data, val_data):
+    def __init__(
+        self,
+        engine: Any,
+        plan: StatePlan,
+        module: ModuleOrFactory,
+        train_data: Any,
+        val_data: Any,
+        found: tuple[str, int] | None = None,
+    ):
+        """`found`: the checkpoint to resume from (see `resolve_checkpoint`)."""
         strategy, config = engine.strategy, engine.config
         state, self.init_compiled = build_state(plan, module, strategy.mesh)
         super().__init__(engine, strategy, plan.graphdef, LiveState(state), plan.layout)
@@ -45,11 +56,16 @@ class FitRun(EvalRun):
         self.train_loader = self._loader(train_data, "train_data", train=True)
         self.val_loader = None if val_data is None else self._loader(val_data, "val_data")
         engine.num_training_batches = _length(self.train_loader)
+        self.train_meta: dict[str, MetricMeta] = {}  # filled while the step is traced
+        self.window = MetricWindow(self.train_meta)
+        if found is not None:  # before the first batch is read: reading starts where it stopped
+            self.restore(found)
         self.batch_example = self._example_batch()
+        if self.val_loader is not None:
+            check_same_structure(example_rows(self.batch_example), self.val_loader.row_spec())
         self.in_flight_limit = in_flight_limit(
             config.max_in_flight, strategy.mesh, config.log_every_n_steps, self.batch_bytes
         )
-        self.train_meta: dict[str, MetricMeta] = {}  # filled while the step is traced
         self.train_step = jit_train_step(
             plan, strategy, engine.transforms, self.train_meta, config.precision, self.batch_example
         )
@@ -58,7 +74,6 @@ class FitRun(EvalRun):
             if isinstance(module, nnx.Module)
             else nnx.merge(plan.graphdef, state.params, state.rest)
         )
-        self.window = MetricWindow(self.train_meta)
         self.compiled_step: Any = None
         self.preemption = PreemptionWatcher()
 
@@ -72,25 +87,23 @@ class FitRun(EvalRun):
             process_count=distributed.process_count(),
             name=name,
             micro_batches=self.micro_batches if train else 1,
+            workers=self.config.data_workers,
         )
 
     def _example_batch(self) -> Any:
         """Abstract first batch (shapes, dtypes, shardings) to compile the step before the loop.
         The loop starts with this same generator, so a one-shot iterator loses nothing."""
         engine = self.engine
-        batches = self.train_loader.epoch(
-            engine.current_epoch, engine.batch_idx, self.placer.rows_for
-        )
+        epoch, start = engine.current_epoch, engine.batch_idx
+        if engine.num_training_batches is not None and start >= engine.num_training_batches:
+            epoch, start = epoch + 1, 0  # resumed right after an epoch's last batch
+        batches = self.train_loader.epoch(epoch, start, self.placer.rows_for)
         first = next(batches, None)
         if first is None:
             raise ValueError(
                 "train_data produced no batches; check that it is not an exhausted iterator."
             )
-        self.first_batches = (
-            engine.current_epoch,
-            engine.batch_idx,
-            itertools.chain([first], batches),
-        )
+        self.first_batches = (epoch, start, itertools.chain([first], batches))
         if not first.sharded or first.global_size % self.strategy.data_parallel_size:
             self.strategy.check_batch_size(first.global_size, "Training batch size")
 
@@ -119,6 +132,9 @@ class FitRun(EvalRun):
             callback_metrics=engine.callback_metrics,
             metric_window=self.window.state_dict(),
             opt_state=state.opt_state,
+            data=data_state(
+                self.train_loader, position or (engine.current_epoch, engine.batch_idx)
+            ),
             **({"config": engine.run_config} if engine.run_config is not None else {}),
         )
         return state, meta
@@ -138,6 +154,7 @@ class FitRun(EvalRun):
             if cb.state_key in states:
                 cb.load_state_dict(states[cb.state_key])
         self.window.load_state_dict(meta.get("metric_window") or {})
+        restore_data_state(self.train_loader, meta)  # this process's data-iterator state
 
     def checkpoint_and_exit(self) -> None:
         """Preemption: save a complete checkpoint at this step boundary, then raise `Preempted`."""
@@ -154,11 +171,9 @@ class FitRun(EvalRun):
         raise Preempted(engine.global_step, path)
 
     # ------------------------------------------------------------------ the run
-    def execute(self, found: tuple[str, int] | None) -> None:
-        """Restore (if `found`), compile, then loop until done; the module always gets the
-        latest good state back, and `teardown` always runs."""
-        if found is not None:
-            self.restore(found)  # resharded onto this run's layout
+    def execute(self) -> None:
+        """Compile, then loop until done; the module always gets the latest good state back,
+        and `teardown` always runs."""
         engine = self.engine
         # Tracing, compiling and the loop all run under the mesh (it is part of the trace key).
         with jax.set_mesh(self.strategy.mesh):

@@ -1,4 +1,4 @@
-"""`ProgressBar`: one tqdm bar for the whole fit, on process 0 only."""
+"""`ProgressBar`: one tqdm bar for the whole fit (and one per `test` / `predict`), on process 0."""
 
 from __future__ import annotations
 
@@ -63,6 +63,43 @@ class ProgressBar(Callback):
             if name == "loss" or (name in meta and meta[name].prog_bar):
                 self._shown[name] = _fmt(value)
         self.bar.set_postfix(self._shown, refresh=False)
+
+    # ------------------------------------------------------------------ test / predict
+    def _open_eval_bar(self, engine: Engine, what: str) -> None:
+        """A bar over the batches of `Engine.test` / `Engine.predict` (process 0 only)."""
+        if not engine.is_global_zero or self.bar is not None:
+            return
+        self._shown = {}
+        self.bar = tqdm(
+            desc=what,
+            unit="batch",
+            dynamic_ncols=True,
+            mininterval=self.refresh_rate,
+            leave=self.leave,
+            file=self.file,
+        )
+
+    def _advance(self, engine: Engine, *args: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def on_test_start(self, engine: Engine) -> None:
+        self._open_eval_bar(engine, "Testing")
+
+    def on_predict_start(self, engine: Engine) -> None:
+        self._open_eval_bar(engine, "Predicting")
+
+    on_test_batch_end = _advance
+    on_predict_batch_end = _advance
+
+    def on_test_end(self, engine: Engine) -> None:
+        if self.bar is not None:
+            shown = {k: _fmt(v) for k, v in engine.callback_metrics.items() if k.startswith("test")}
+            self.bar.set_postfix(shown, refresh=True)
+        self.teardown(engine)
+
+    def on_predict_end(self, engine: Engine) -> None:
+        self.teardown(engine)
 
     def teardown(self, engine: Engine) -> None:
         if self.bar is not None:

@@ -27,6 +27,9 @@ from meshfit.engine.processes import distributed
 from meshfit.engine.run.evaluate import EvalRun
 from meshfit.engine.run.fit import FitRun, resolve_checkpoint
 from meshfit.engine.run.hooks import HookTable
+from meshfit.engine.run.load import load_checkpoint_weights
+from meshfit.engine.run.predict import PredictRun
+from meshfit.engine.run.test import TestRun
 from meshfit.engine.run.timing import PhaseTimer
 from meshfit.engine.state import TrainState
 from meshfit.engine.step.plan import ModuleOrFactory, StatePlan, plan_state, relayout
@@ -56,6 +59,9 @@ class Engine:
         nan_guard: on a non-finite loss, skip the update and "error" (stop, naming the step) or
             "warn"; False turns the check off. Inactive with DynamicLossScaling (it skips).
         enable_model_summary: print the ModelSummary table at fit start (process 0).
+        num_sanity_val_steps: validation batches run before the first training step (when
+            there is validation data), so a broken `validation_step` fails in seconds; not
+            logged; 0 turns it off.
     """
 
     def __init__(
@@ -78,6 +84,7 @@ class Engine:
         max_in_flight: int | None = None,
         nan_guard: str | bool = "error",
         enable_model_summary: bool = True,
+        num_sanity_val_steps: int = 2,
     ):
         self.config = EngineConfig(
             strategy=strategy,
@@ -98,6 +105,7 @@ class Engine:
             max_in_flight=max_in_flight,
             nan_guard=nan_guard,
             enable_model_summary=enable_model_summary,
+            num_sanity_val_steps=num_sanity_val_steps,
         )
         distributed.initialize()  # no-op unless the environment describes a multi-process job
         self.devices = _resolve_devices(devices)
@@ -111,6 +119,7 @@ class Engine:
         self.batch_idx = 0  # next batch of the current epoch (the data position)
         self.num_training_batches: int | None = None
         self.should_stop = False
+        self.predict_rows: tuple[int, int] | None = None  # rows of the latest prediction outputs
         self.timings = PhaseTimer()  # host seconds per loop phase (step/data/callbacks/...)
 
     def __getattr__(self, name: str) -> Any:
@@ -259,18 +268,64 @@ class Engine:
         self.run = FitRun(self, plan, module, train_data, val_data)
         self.run.execute(found)
 
-    def validate(self, module: ModuleOrFactory, data: Any) -> dict[str, float]:
-        """Run `validation_step` over `data`; metrics averaged over the whole set (by batch size)."""
+    def validate(
+        self, module: ModuleOrFactory, data: Any, ckpt_path: str | os.PathLike | None = None
+    ) -> dict[str, float]:
+        """Run `validation_step` over `data`; metrics averaged over the whole set (by batch size).
+        `ckpt_path` ("last", "best" or a path) first loads a training checkpoint's weights."""
         if not overrides(module, "validation_step"):
             raise TypeError(f"{type(module).__name__} has no validation_step to run.")
         run = self.run
-        if run is None or module is not self.module or run.live.deleted():
-            if self.strategy is None:
-                self.strategy = resolve_strategy(self.config.strategy, len(self.devices))
-                self.strategy.setup(self.devices)
-            run = self.run = EvalRun.for_module(self, module, self.strategy)
-            run.module = module
-        loader = make_loader(
+        if ckpt_path is not None or run is None or module is not self.module or run.live.deleted():
+            run = self._eval_run(EvalRun, module, ckpt_path, "validate")
+        with jax.set_mesh(self.strategy.mesh):
+            return run.validation_pass(self._eval_loader(data))
+
+    def test(
+        self, module: nnx.Module, data: Any, ckpt_path: str | os.PathLike | None = None
+    ) -> dict[str, float]:
+        """Run `test_step` over all of `data`: metrics weighted by rows like validation, logged
+        to the loggers and kept in `callback_metrics`. `ckpt_path`: "last", "best" or a path
+        (a training checkpoint's weights are loaded into `module`); default its own weights."""
+        if not overrides(module, "test_step"):
+            raise TypeError(
+                f"{type(module).__name__} has no test_step, which Engine.test runs over the data. "
+                "Define test_step(batch) like validation_step: log metrics with self.log, or "
+                "return a scalar (logged as 'test_loss')."
+            )
+        run = self._eval_run(TestRun, module, ckpt_path, "test")
+        with jax.set_mesh(self.strategy.mesh):
+            return run.test_pass(self._eval_loader(data))
+
+    def predict(
+        self,
+        module: nnx.Module,
+        data: Any,
+        ckpt_path: str | os.PathLike | None = None,
+        return_predictions: bool = True,
+    ) -> Any:
+        """`predict_step` over every row of `data` (NumPy arrays or an iterable of batches): a
+        pytree of NumPy arrays, one row per input row in input order, on every process. With
+        `return_predictions=False`, returns None (a `PredictionWriter` saves each process's rows)."""
+        run = self._eval_run(PredictRun, module, ckpt_path, "predict")
+        with jax.set_mesh(self.strategy.mesh):
+            return run.predict(self._eval_loader(data), return_predictions)
+
+    def _eval_run(self, cls: type, module: Any, ckpt_path: Any, what: str) -> Any:
+        """A fresh run of `cls` over `module`'s weights (after loading `ckpt_path`, if given)."""
+        if not isinstance(module, nnx.Module):
+            raise TypeError(f"{what} needs a module instance, got {type(module).__name__}.")
+        if self.strategy is None:
+            self.strategy = resolve_strategy(self.config.strategy, len(self.devices))
+            self.strategy.setup(self.devices)
+        if ckpt_path is not None:
+            load_checkpoint_weights(self, module, ckpt_path, what)
+        run = self.run = cls.for_module(self, module, self.strategy)
+        run.module = module
+        return run
+
+    def _eval_loader(self, data: Any) -> Any:
+        return make_loader(
             data,
             self.batch_size,
             train=False,
@@ -278,8 +333,6 @@ class Engine:
             process_count=distributed.process_count(),
             name="data",
         )
-        with jax.set_mesh(self.strategy.mesh):
-            return run.validation_pass(loader)
 
 
 def _resolve_devices(devices: int | Sequence[Any] | None) -> list[Any]:

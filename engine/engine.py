@@ -307,6 +307,12 @@ class Engine:
         """`predict_step` over every row of `data` (NumPy arrays or an iterable of batches): a
         pytree of NumPy arrays, one row per input row in input order, on every process. With
         `return_predictions=False`, returns None (a `PredictionWriter` saves each process's rows)."""
+        if not overrides(module, "predict_step") and not callable(module):
+            raise TypeError(
+                f"{type(module).__name__} has no predict_step and no __call__: the default "
+                "predict_step returns self(x). Define __call__(x), or predict_step(batch) "
+                "returning per-row outputs."
+            )
         run = self._eval_run(PredictRun, module, ckpt_path, "predict")
         with jax.set_mesh(self.strategy.mesh):
             return run.predict(self._eval_loader(data), return_predictions)

@@ -132,3 +132,12 @@ def test_predict_data_of_the_wrong_structure_fails_clearly():
         engine.predict(MLP(nnx.Rngs(0)), batches)
     with pytest.raises(Exception, match=r"predict_step failed on a batch of structure"):
         engine.predict(MLP(nnx.Rngs(0)), {"x": X})  # self(dict) cannot run a Linear
+
+
+def test_predict_without_call_or_predict_step_says_what_to_define():
+    class NoCall(StackNet):  # StackNet defines no __call__
+        pass
+
+    engine = Engine(strategy="dp", max_steps=1, **quiet())
+    with pytest.raises(TypeError, match="NoCall has no predict_step and no __call__"):
+        engine.predict(NoCall(nnx.Rngs(0)), X)

@@ -70,6 +70,7 @@ def test_test_without_test_step_fails_before_compiling():
 
 def test_ckpt_path_best_loads_the_best_checkpoint(tmp_path):
     module = Evaluated(nnx.Rngs(0))
+    xv, yv = X[:301], Y[:301]  # the validation set, also the test set
     ckpt = ModelCheckpoint(tmp_path / "ckpt", every_n_steps=2, monitor="val_loss", save_top_k=1)
     engine = Engine(
         strategy="dp",
@@ -81,19 +82,19 @@ def test_ckpt_path_best_loads_the_best_checkpoint(tmp_path):
         **quiet(),
     )
     module.lr = 0.3  # a large learning rate: the last step is unlikely to be the best
-    engine.fit(module, TRAIN, val_data=(X, Y))
+    engine.fit(module, TRAIN, val_data=(xv, yv))
     best_path = ckpt.best_model_path
     assert best_path is not None
-    current = engine.test(module, (X, Y))
-    best = engine.test(module, (X, Y), ckpt_path="best")
+    current = engine.test(module, (xv, yv))
+    best = engine.test(module, (xv, yv), ckpt_path="best")
     reference = Evaluated(nnx.Rngs(5))
     load_weights(reference, best_path)
-    np.testing.assert_allclose(best["test_loss"], full_set_loss(reference, X, Y), rtol=1e-5)
+    np.testing.assert_allclose(best["test_loss"], full_set_loss(reference, xv, yv), rtol=1e-5)
     np.testing.assert_allclose(best["test_loss"], ckpt.best_model_score, rtol=1e-5)
     if ckpt.best_model_step != engine.global_step:
         assert best["test_loss"] != current["test_loss"]
     # the module now holds the best weights
-    np.testing.assert_allclose(full_set_loss(module, X, Y), best["test_loss"], rtol=1e-5)
+    np.testing.assert_allclose(full_set_loss(module, xv, yv), best["test_loss"], rtol=1e-5)
 
 
 class Broken(MLP):

@@ -7,6 +7,7 @@ from meshfit.callbacks.early_stopping import EarlyStopping
 from meshfit.callbacks.loss_scaling import DynamicLossScaling
 from meshfit.callbacks.lr_monitor import LearningRateMonitor
 from meshfit.callbacks.nan_guard import NanGuard
+from meshfit.callbacks.prediction_writer import PredictionWriter, read_predictions
 from meshfit.callbacks.profiler import Profiler
 from meshfit.callbacks.progress import ProgressBar
 from meshfit.callbacks.summary import ModelSummary
@@ -24,10 +25,12 @@ __all__ = [
     "ModelCheckpoint",
     "ModelSummary",
     "NanGuard",
+    "PredictionWriter",
     "Profiler",
     "ProgressBar",
     "StepTransform",
     "TensorBoardLogger",
     "Throughput",
     "all_finite",
+    "read_predictions",
 ]

@@ -1,4 +1,4 @@
-"""`ProgressBar`: one tqdm bar for the whole fit, on process 0 only."""
+"""`ProgressBar`: one tqdm bar for the whole fit (and one per `test` / `predict`), on process 0."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ class ProgressBar(Callback):
     def __init__(self, refresh_rate: float = 0.2, leave: bool = True, file: Any = None):
         self.refresh_rate, self.leave, self.file = refresh_rate, leave, file
         self.bar: tqdm | None = None
+        self.eval_bar: tqdm | None = None  # Engine.test / Engine.predict
         self._shown: dict[str, str] = {}
 
     def on_fit_start(self, engine: Engine) -> None:
@@ -63,6 +64,48 @@ class ProgressBar(Callback):
             if name == "loss" or (name in meta and meta[name].prog_bar):
                 self._shown[name] = _fmt(value)
         self.bar.set_postfix(self._shown, refresh=False)
+
+    # ------------------------------------------------------------------ test / predict
+    def _open_eval_bar(self, engine: Engine, what: str) -> None:
+        """A bar of its own over the batches of `Engine.test` / `Engine.predict` (process 0)."""
+        if engine.is_global_zero:
+            self.eval_bar = tqdm(
+                desc=what,
+                unit="batch",
+                dynamic_ncols=True,
+                mininterval=self.refresh_rate,
+                leave=self.leave,
+                file=self.file,
+            )
+
+    def _advance(self, engine: Engine, *args: Any) -> None:
+        if self.eval_bar is not None:
+            self.eval_bar.update(1)
+
+    def _close_eval_bar(self, engine: Engine, metrics: dict[str, str] | None = None) -> None:
+        if self.eval_bar is not None:
+            if metrics:
+                self.eval_bar.set_postfix(metrics, refresh=True)
+            self.eval_bar.close()
+            self.eval_bar = None
+
+    def on_test_start(self, engine: Engine) -> None:
+        self._open_eval_bar(engine, "Testing")
+
+    def on_predict_start(self, engine: Engine) -> None:
+        self._open_eval_bar(engine, "Predicting")
+
+    on_test_batch_end = _advance
+    on_predict_batch_end = _advance
+
+    def on_test_end(self, engine: Engine) -> None:
+        metrics = engine.callback_metrics
+        self._close_eval_bar(
+            engine, {k: _fmt(v) for k, v in metrics.items() if k.startswith("test")}
+        )
+
+    def on_predict_end(self, engine: Engine) -> None:
+        self._close_eval_bar(engine)
 
     def teardown(self, engine: Engine) -> None:
         if self.bar is not None:

@@ -49,6 +49,7 @@ class EngineConfig:
     nan_guard: str | bool = "error"
     enable_model_summary: bool = True
     data_workers: int = 0
+    num_sanity_val_steps: int = 2
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -64,6 +65,12 @@ class EngineConfig:
             _positive_int(name, getattr(self, name), optional=True)
         for name in ("batch_size", "log_every_n_steps"):
             _positive_int(name, getattr(self, name))
+        n = self.num_sanity_val_steps
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(
+                f"num_sanity_val_steps must be a non-negative integer (0 turns the check off), "
+                f"got {n!r}."
+            )
         if self.precision not in PRECISIONS:
             raise ValueError(
                 f"precision={self.precision!r} is not supported; use one of {sorted(PRECISIONS)}."

@@ -28,6 +28,9 @@ from meshfit.engine.processes import distributed
 from meshfit.engine.run.evaluate import EvalRun
 from meshfit.engine.run.fit import FitRun, resolve_checkpoint
 from meshfit.engine.run.hooks import HookTable
+from meshfit.engine.run.load import load_checkpoint_weights
+from meshfit.engine.run.predict import PredictRun
+from meshfit.engine.run.test import TestRun
 from meshfit.engine.run.timing import PhaseTimer
 from meshfit.engine.state import TrainState
 from meshfit.engine.step.plan import ModuleOrFactory, StatePlan, plan_state, relayout
@@ -59,6 +62,9 @@ class Engine:
         enable_model_summary: print the ModelSummary table at fit start (process 0).
         data_workers: worker processes reading a random-access source (grain `mp_prefetch`);
             0 reads it with threads in this process.
+        num_sanity_val_steps: validation batches run before the first training step (when
+            there is validation data), so a broken `validation_step` fails in seconds; not
+            logged; 0 turns it off.
     """
 
     def __init__(
@@ -82,6 +88,7 @@ class Engine:
         nan_guard: str | bool = "error",
         enable_model_summary: bool = True,
         data_workers: int = 0,
+        num_sanity_val_steps: int = 2,
     ):
         args = {name: value for name, value in locals().items() if name != "self"}
         self.config = EngineConfig(**args)  # every argument, checked before anything compiles
@@ -98,6 +105,7 @@ class Engine:
         self.batch_idx = 0  # next batch of the current epoch (the data position)
         self.num_training_batches: int | None = None
         self.should_stop = False
+        self.predict_rows: tuple[int, int] | None = None  # rows of the latest prediction outputs
         self.timings = PhaseTimer()  # host seconds per loop phase (step/data/callbacks/...)
 
     def __getattr__(self, name: str) -> Any:
@@ -259,21 +267,82 @@ class Engine:
         self.run.execute()
 
     def validate(
-        self, module: ModuleOrFactory, data: Any = None, datamodule: DataModule | None = None
+        self,
+        module: ModuleOrFactory,
+        data: Any = None,
+        ckpt_path: str | os.PathLike | None = None,
+        datamodule: DataModule | None = None,
     ) -> dict[str, float]:
         """Run `validation_step` over `data` (or the datamodule's `val_data()`); metrics averaged
-        over the whole set (by batch size)."""
+        over the whole set (by batch size). `ckpt_path` ("last", "best" or a path) first loads a
+        training checkpoint's weights."""
         data = data_for(datamodule, "validate", data, "val_data", "validate()")
         if not overrides(module, "validation_step"):
             raise TypeError(f"{type(module).__name__} has no validation_step to run.")
         run = self.run
-        if run is None or module is not self.module or run.live.deleted():
-            if self.strategy is None:
-                self.strategy = resolve_strategy(self.config.strategy, len(self.devices))
-                self.strategy.setup(self.devices)
-            run = self.run = EvalRun.for_module(self, module, self.strategy)
-            run.module = module
-        loader = make_loader(
+        if ckpt_path is not None or run is None or module is not self.module or run.live.deleted():
+            run = self._eval_run(EvalRun, module, ckpt_path, "validate")
+        with jax.set_mesh(self.strategy.mesh):
+            return run.validation_pass(self._eval_loader(data))
+
+    def test(
+        self,
+        module: nnx.Module,
+        data: Any = None,
+        ckpt_path: str | os.PathLike | None = None,
+        datamodule: DataModule | None = None,
+    ) -> dict[str, float]:
+        """Run `test_step` over all of `data`: metrics weighted by rows like validation, logged
+        to the loggers and kept in `callback_metrics`. `ckpt_path`: "last", "best" or a path
+        (a training checkpoint's weights are loaded into `module`); default its own weights."""
+        data = data_for(datamodule, "test", data, "test_data", "test()")
+        if not overrides(module, "test_step"):
+            raise TypeError(
+                f"{type(module).__name__} has no test_step, which Engine.test runs over the data. "
+                "Define test_step(batch) like validation_step: log metrics with self.log, or "
+                "return a scalar (logged as 'test_loss')."
+            )
+        run = self._eval_run(TestRun, module, ckpt_path, "test")
+        with jax.set_mesh(self.strategy.mesh):
+            return run.test_pass(self._eval_loader(data))
+
+    def predict(
+        self,
+        module: nnx.Module,
+        data: Any = None,
+        ckpt_path: str | os.PathLike | None = None,
+        return_predictions: bool = True,
+        datamodule: DataModule | None = None,
+    ) -> Any:
+        """`predict_step` over every row of `data` (NumPy arrays or an iterable of batches): a
+        pytree of NumPy arrays, one row per input row in input order, on every process. With
+        `return_predictions=False`, returns None (a `PredictionWriter` saves each process's rows)."""
+        data = data_for(datamodule, "predict", data, "predict_data", "predict()")
+        if not overrides(module, "predict_step") and not callable(module):
+            raise TypeError(
+                f"{type(module).__name__} has no predict_step and no __call__: the default "
+                "predict_step returns self(x). Define __call__(x), or predict_step(batch) "
+                "returning per-row outputs."
+            )
+        run = self._eval_run(PredictRun, module, ckpt_path, "predict")
+        with jax.set_mesh(self.strategy.mesh):
+            return run.predict(self._eval_loader(data), return_predictions)
+
+    def _eval_run(self, cls: type, module: Any, ckpt_path: Any, what: str) -> Any:
+        """A fresh run of `cls` over `module`'s weights (after loading `ckpt_path`, if given)."""
+        if not isinstance(module, nnx.Module):
+            raise TypeError(f"{what} needs a module instance, got {type(module).__name__}.")
+        if self.strategy is None:
+            self.strategy = resolve_strategy(self.config.strategy, len(self.devices))
+            self.strategy.setup(self.devices)
+        if ckpt_path is not None:
+            load_checkpoint_weights(self, module, ckpt_path, what)
+        run = self.run = cls.for_module(self, module, self.strategy)
+        run.module = module
+        return run
+
+    def _eval_loader(self, data: Any) -> Any:
+        return make_loader(
             data,
             self.batch_size,
             train=False,
@@ -281,8 +350,6 @@ class Engine:
             process_count=distributed.process_count(),
             name="data",
         )
-        with jax.set_mesh(self.strategy.mesh):
-            return run.validation_pass(loader)
 
 
 def _resolve_devices(devices: int | Sequence[Any] | None) -> list[Any]:

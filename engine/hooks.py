@@ -25,6 +25,12 @@ HOOKS = (
     "on_validation_end",
     "on_train_epoch_end",
     "on_fit_end",
+    "on_test_start",
+    "on_test_batch_end",
+    "on_test_end",
+    "on_predict_start",
+    "on_predict_batch_end",
+    "on_predict_end",
     "on_exception",
     "teardown",
 )
@@ -48,6 +54,9 @@ class Callback:
         on_exception   (only when the loop raised)
         teardown       (always, last)
 
+    `Engine.test`: on_test_start -> on_test_batch_end (each batch) -> on_log -> on_test_end.
+    `Engine.predict`: on_predict_start -> on_predict_batch_end (each batch) -> on_predict_end.
+
     Hooks run between steps in Python. They must not read device values (which waits for the
     device) except at their own cadence: `outputs` in `on_train_batch_end` are device arrays.
     Only the hooks a callback overrides are called.
@@ -67,6 +76,19 @@ class Callback:
     def on_validation_end(self, engine: Engine) -> None: ...
     def on_train_epoch_end(self, engine: Engine) -> None: ...
     def on_fit_end(self, engine: Engine) -> None: ...
+    def on_test_start(self, engine: Engine) -> None: ...
+    def on_test_batch_end(
+        self, engine: Engine, outputs: dict[str, jax.Array], batch: Any, batch_idx: int
+    ) -> None: ...
+    def on_test_end(self, engine: Engine) -> None: ...
+    def on_predict_start(self, engine: Engine) -> None: ...
+    def on_predict_batch_end(
+        self, engine: Engine, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """`outputs`: this process's rows of the batch's predictions (NumPy, padding dropped);
+        `engine.predict_rows` is their global row range [start, stop)."""
+
+    def on_predict_end(self, engine: Engine) -> None: ...
     def on_exception(self, engine: Engine, exception: BaseException) -> None: ...
     def teardown(self, engine: Engine) -> None: ...
 

@@ -60,7 +60,7 @@ class TrainModule(nnx.Module):
     """A Flax NNX module with a `training_step`; subclass it and hand it to `Engine.fit`.
 
     Override `training_step(batch)` (returns a scalar loss, or a dict holding `"loss"`),
-    optionally `validation_step(batch)`, and `configure_optimizers()` (returns an optax
+    optionally `validation_step(batch)` / `test_step(batch)` / `predict_step(batch)`, and `configure_optimizers()` (returns an optax
     transformation). Inside either step, `self.log(name, value)` records a metric.
     """
 
@@ -69,6 +69,16 @@ class TrainModule(nnx.Module):
 
     def validation_step(self, batch: Any) -> Any:
         return None
+
+    def test_step(self, batch: Any) -> Any:
+        """Like `validation_step`, run by `Engine.test`; a returned scalar is `test_loss`."""
+        return None
+
+    def predict_step(self, batch: Any) -> Any:
+        """Per-row outputs (a pytree of arrays with a leading row axis) for `Engine.predict`;
+        by default `self(x)`, x being the batch or its first element for a tuple/list."""
+        x = batch[0] if isinstance(batch, tuple | list) else batch
+        return self(x)
 
     def configure_optimizers(self) -> Any:
         raise NotImplementedError

@@ -29,6 +29,7 @@ from meshfit.engine.processes import distributed
 from meshfit.engine.run.evaluate import EvalRun
 from meshfit.engine.run.inflight import InFlight, in_flight_limit
 from meshfit.engine.run.metrics import MetricWindow
+from meshfit.engine.run.sanity import sanity_check
 from meshfit.engine.state import LiveState, TrainState
 from meshfit.engine.step.build import jit_train_step
 from meshfit.engine.step.plan import ModuleOrFactory, StatePlan, build_state
@@ -185,6 +186,7 @@ class FitRun(EvalRun):
             self.hooks("on_fit_start")
             self.preemption.install()
             try:
+                sanity_check(self, self.config.num_sanity_val_steps)
                 self.fit_loop()
                 self.hooks("on_fit_end")
             except BaseException as exc:

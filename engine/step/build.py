@@ -203,8 +203,11 @@ def make_eval_step(
     *,
     compute_dtype: Any = None,
     context: Callable[[], Any] = contextlib.nullcontext,
+    method: str = "validation_step",
+    loss_name: str = "val_loss",
 ) -> Callable[[nnx.State, nnx.State, Any], dict[str, jax.Array]]:
-    """The pure validation step: metrics logged by `validation_step` (plus `val_loss` if returned)."""
+    """The pure evaluation step: metrics logged by `method` (`validation_step`, `test_step`),
+    plus its returned scalar as `loss_name` (`val_loss`, `test_loss`)."""
 
     def eval_step(params, rest, batch):
         with context():
@@ -213,15 +216,39 @@ def make_eval_step(
                 cast_floating(params, compute_dtype),
                 rest,
                 cast_floating(batch, compute_dtype),
-                "validation_step",
+                method,
                 False,
                 meta,
             )
         if isinstance(out, dict) and "loss" in out:
             out = out["loss"]
-        if out is not None and "val_loss" not in logs and jnp.ndim(out) == 0:
-            logs["val_loss"] = jnp.asarray(out, jnp.float32)
-            meta.setdefault("val_loss", MetricMeta("mean", prog_bar=True))
+        if out is not None and loss_name not in logs and jnp.ndim(out) == 0:
+            logs[loss_name] = jnp.asarray(out, jnp.float32)
+            meta.setdefault(loss_name, MetricMeta("mean", prog_bar=True))
         return logs
 
     return eval_step
+
+
+def make_predict_step(
+    graphdef: nnx.GraphDef,
+    *,
+    compute_dtype: Any = None,
+    context: Callable[[], Any] = contextlib.nullcontext,
+) -> Callable[[nnx.State, nnx.State, Any], Any]:
+    """The pure prediction step: `predict_step(batch)` in eval mode, a pytree of per-row arrays."""
+
+    def predict_step(params, rest, batch):
+        with context():
+            out, _, _ = _run_method(
+                graphdef,
+                cast_floating(params, compute_dtype),
+                rest,
+                cast_floating(batch, compute_dtype),
+                "predict_step",
+                False,
+                {},
+            )
+        return out
+
+    return predict_step

@@ -47,6 +47,10 @@ def test_fit_writes_config_and_checkpoints_and_the_saved_config_reproduces_the_r
     meta = (root / "checkpoints" / step / "meta").glob("*")
     text = "".join(p.read_text() for p in meta if p.is_file())
     assert '"max_epochs": 2' in text and '"hidden": 32' in text
+    # `meshfit test --ckpt_path best` on the same config: the best checkpoint's test metrics
+    tested = MeshfitCLI(args=["test", "--config", str(root / "config.yaml"), "--ckpt_path", "best"])
+    best = cli.engine.callbacks[0].best_model_score  # ModelCheckpoint(monitor="val_acc")
+    assert tested.result["test_acc"] == pytest.approx(best, abs=1e-6)  # test data = val data
 
 
 def test_command_line_wins_over_the_file_and_print_config_lists_every_engine_argument(capsys):

@@ -23,7 +23,9 @@ class WandbLogger(Logger):
         **init_kwargs: passed to `wandb.init` (e.g. `entity`, `tags`, `group`, `dir`).
 
     The run's directory (`log_dir`) is under `dir` (default: `$WANDB_DIR`, else
-    `<default_root_dir>`). The run id is saved in checkpoints: `fit(..., ckpt_path=...)` continues the same run (`resume="allow"`).
+    `<default_root_dir>`). The run id is saved in checkpoints: `fit(..., ckpt_path=...)`
+    continues the same run (`resume="allow"`). W&B keeps a run's steps increasing: online it
+    drops steps it already holds; offline, `wandb sync` the run's directories in order.
     """
 
     def __init__(

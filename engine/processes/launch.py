@@ -4,7 +4,8 @@
 
 Each child gets the launcher environment (coordinator, world size, rank) and runs the script
 through `meshfit.bootstrap`, which sets up `jax.distributed` before the script's first line.
-Output is forwarded as it arrives, each line prefixed with the rank (progress bars stay live); SIGINT/SIGTERM are forwarded; if any child fails, the
+Output is forwarded as it arrives, each line prefixed with the rank (a progress bar's
+carriage-return updates stay live); SIGINT/SIGTERM are forwarded; if any child fails, the
 others are stopped (SIGTERM, then SIGKILL after a grace period) and the launcher exits non-zero.
 A child that exits 75 (preempted, after its checkpoint) is not a failure: the others get time to
 finish the same checkpoint, and the launcher exits 75 so a scheduler can requeue the job.
@@ -72,8 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 class RankOutput:
     """The launcher's stdout, shared by the children: text is forwarded as it arrives, each
     line and each carriage-return segment prefixed with its rank, so a child's progress bar
-    (`\r` updates) stays one live line. When another rank writes while a line is unfinished,
-    that line is ended first, and the unfinished one continues below with its prefix."""
+    stays one live line. When another rank writes while a line is unfinished, that line is
+    ended first, and the unfinished one continues below with its prefix."""
 
     def __init__(self, stream: Any = None):
         self.stream = stream
@@ -111,7 +112,7 @@ _SEGMENTS = re.compile(r"(\r|\n)")
 
 
 def _pump(stream: Any, rank: int, output: RankOutput) -> None:
-    """Forward a child's output as it comes (not line by line: `\r` updates are live)."""
+    """Forward a child's output as it comes, not line by line (a bar's updates stay live)."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     fd = stream.fileno()
     while chunk := os.read(fd, 65536):

@@ -127,6 +127,7 @@ def render(curves: Curves, out: str, title: str = "") -> Any:
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
     except ImportError as exc:
         raise ImportError(
             "meshfit plot needs matplotlib: pip install 'meshfit[loggers]' (or matplotlib)."
@@ -144,6 +145,7 @@ def render(curves: Curves, out: str, title: str = "") -> Any:
             ax.plot(steps, values, marker="o" if few else None, markersize=3, label=name)
         ax.set_title(base)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     for ax in axes:  # panels left over in the grid

@@ -10,8 +10,8 @@ This machine's speed drifts by 10-30% over seconds, so the cases alternate, two 
   best fit over best fit, plus the median of the paired ratios.
 - `segments`: one fit with the four loggers, where CSV, W&B and MLflow drop what they are
   given in every other segment of `--segment` steps (boundaries between logs, each segment
-  holding the same logs and one validation): the median ratio of adjacent segments' rates
-  isolates the per-step cost of the three from the drift.
+  holding the same logs and one validation): each segment with the three is compared with the
+  mean of its two neighbours without, and the median ratio isolates their per-step cost.
 
     python benchmarks/loggers.py [--mode both] [--rounds 7] [--segments 40]
 """
@@ -119,15 +119,16 @@ class LoopClock(Callback):
 
 
 def time_hooks(loggers):
-    """Wrap the loggers' in-loop hooks (instance attributes, which the engine calls); their
-    host seconds add up in the returned list."""
+    """Wrap the loggers' in-loop hooks (instance attributes, which the engine calls); the CPU
+    seconds of the calling thread in them (robust to other processes' load) add up in the
+    returned list."""
     spent = [0.0]
 
     def timed(fn):
         def wrapper(*args):
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             fn(*args)
-            spent[0] += time.perf_counter() - t0
+            spent[0] += time.thread_time() - t0
 
         return wrapper
 
@@ -147,7 +148,7 @@ def whole_fits(root, rounds, steps, log_every):
             run_fit(loggers, [clock], root, steps, log_every)
             rates[kind].append(steps / clock.seconds)
             outside[kind].append(time.perf_counter() - start - clock.seconds)
-            hooks[kind].append(spent[0] / clock.seconds)
+            hooks[kind].append(spent[0] / steps)
     best_d, best_f = max(rates["default"]), max(rates["four"])
     paired = [f / d for d, f in zip(rates["default"], rates["four"])]
     med = statistics.median
@@ -155,10 +156,14 @@ def whole_fits(root, rounds, steps, log_every):
     print(f"  default (TensorBoard) steps/s {_fmt(rates['default'])}, best {best_d:.1f}")
     print(f"  four loggers          steps/s {_fmt(rates['four'])}, best {best_f:.1f}")
     print(
-        f"  ratio four/default: best-of-{rounds} {best_f / best_d:.3f}, median paired "
-        f"{med(paired):.3f}; logger hooks' share of the loop: {med(hooks['default']):.2%} vs "
-        f"{med(hooks['four']):.2%}; once per fit outside the loop: {med(outside['default']):.2f} s "
-        f"vs {med(outside['four']):.2f} s"
+        f"  ratio four/default: best-of-{rounds} {best_f / best_d:.3f}, median paired {med(paired):.3f}"
+    )
+    extra = med(hooks["four"]) - med(hooks["default"])
+    print(
+        f"  CPU in logger hooks per step (median): default {med(hooks['default']) * 1e3:.3f} ms, "
+        f"four {med(hooks['four']) * 1e3:.3f} ms: +{extra * best_f:.2%} of a step at the best "
+        f"rate; once per fit outside the loop: {med(outside['default']):.2f} s vs "
+        f"{med(outside['four']):.2f} s"
     )
 
 
@@ -191,18 +196,22 @@ class Gate(Callback):
 def segments(root, count, segment, log_every):
     loggers = four_loggers(root)
     gate = Gate(loggers[1:], segment, offset=log_every // 2, warmup=2 * segment)
-    steps = gate.warmup + gate.offset + segment * (count + 1)
+    steps = gate.warmup + gate.offset + segment * (count + 2)
     run_fit(loggers, [gate], root, steps, log_every, val_every=segment)
     off, on = gate.times[False], gate.times[True]
-    pairs = [a / b for a, b in zip(off, on)]  # (steps/s with the three) / (steps/s without)
+    # each segment with the three against the mean of its neighbours without (cancels a
+    # linear drift): (steps/s with) / (steps/s without)
+    pairs = [(off[i] + off[i + 1]) / 2 / on[i] for i in range(min(len(on), len(off) - 1))]
+    q1, _, q3 = statistics.quantiles(pairs, n=4)
     print(
-        f"segments: one fit, {len(pairs)} pairs of {segment}-step segments, log every "
+        f"segments: one fit, {len(pairs)} {segment}-step segments with the three, each against "
+        f"its two neighbours without; log every "
         f"{log_every}, one validation per segment"
     )
     print(
         f"  TensorBoard alone {segment * len(off) / sum(off):.1f} steps/s | four loggers "
         f"{segment * len(on) / sum(on):.1f} steps/s | ratio four/default: median of pairs "
-        f"{statistics.median(pairs):.3f}"
+        f"{statistics.median(pairs):.3f} (quartiles {q1:.3f}-{q3:.3f})"
     )
 
 

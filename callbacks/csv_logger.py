@@ -40,6 +40,7 @@ class MetricsTable:
         self._file = open(path, "ab")  # noqa: SIM115 (kept open for the run)
         if self._size == 0:
             self._append(_row_bytes(self.columns, dict(zip(self.columns, self.columns))))
+            self._file.flush()
 
     def read(self) -> list[dict[str, str]]:
         with open(self.path, newline="") as f:

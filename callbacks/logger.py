@@ -10,7 +10,8 @@ The base owns the mechanics every logger shares, so a concrete logger only write
 - metrics from `on_log` are buffered and written at the next step's `on_train_batch_end`,
   when the step after the metric read is already running (right after a read the device would
   wait for the host), or at the end of a validation, epoch or fit; metrics of one step are
-  written together;
+  written together; a logger whose writes are costly sets `write_interval_s` (MLflow) to
+  write what gathered at most that often;
 - resume: `state_dict()` holds the buffer and what the logger needs to continue its run (run
   id, directory); on resume `open` learns the step after which earlier output is replaced;
 - `finalize("success")` after the fit (after the final checkpoint, so `log_checkpoint` can
@@ -23,6 +24,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import time
 from typing import TYPE_CHECKING, Any
 
 from meshfit.engine.hooks import Callback
@@ -68,6 +70,9 @@ class Logger(Callback):
 
     #: ModelCheckpoint calls `log_checkpoint(path)` after each committed save when True.
     log_checkpoints: bool = False
+    #: Write buffered logs at most this often, in seconds (0: at the first chance after each
+    #: log). The buffer is part of `state_dict`, so a checkpoint keeps what was not written.
+    write_interval_s: float = 0.0
 
     def __init__(self) -> None:
         self.save_dir: str | None = None
@@ -76,6 +81,7 @@ class Logger(Callback):
         self._open = False
         self._restored = False
         self._hparams_logged = False
+        self._last_write = -float("inf")
 
     # ------------------------------------------------------------------ what subclasses write
     def open(self, engine: Engine, resume_step: int | None) -> None:
@@ -124,14 +130,19 @@ class Logger(Callback):
             self._pending.append((engine.global_step, dict(metrics)))
 
     def on_train_batch_end(self, engine: Engine, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._pending and self._pending[-1][0] < engine.global_step:
+        if self._pending and self._pending[-1][0] < engine.global_step and self._write_due():
             self.flush()  # the step after the log is running: the host has time
 
     def on_validation_end(self, engine: Engine) -> None:
-        self.flush()
+        if self._write_due():
+            self.flush()
 
     def on_train_epoch_end(self, engine: Engine) -> None:
-        self.flush()
+        if self._write_due():
+            self.flush()
+
+    def _write_due(self) -> bool:
+        return time.monotonic() - self._last_write >= self.write_interval_s
 
     def on_fit_end(self, engine: Engine) -> None:
         self.flush()
@@ -143,17 +154,24 @@ class Logger(Callback):
         self._close("success")
 
     def flush(self) -> None:
-        """Write the buffered metrics, one `log_metrics` call per step."""
+        """Write the buffered metrics, merged per step."""
         if not self._open or not self._pending:
             return
         pending, self._pending = self._pending, []
-        step, merged = pending[0][0], {}
-        for s, metrics in pending:
-            if s != step:
-                self.log_metrics(merged, step)
-                step, merged = s, {}
-            merged.update(metrics)
-        self.log_metrics(merged, step)
+        self._last_write = time.monotonic()
+        rows: list[tuple[int, dict[str, float]]] = []
+        for step, metrics in pending:
+            if rows and rows[-1][0] == step:
+                rows[-1][1].update(metrics)
+            else:
+                rows.append((step, dict(metrics)))
+        self.write_rows(rows)
+
+    def write_rows(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+        """Write buffered (step, metrics) rows, one per step; a logger that can send many at
+        once overrides it."""
+        for step, metrics in rows:
+            self.log_metrics(metrics, step)
 
     def _close(self, status: str) -> None:
         if self._open:

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 RUN_STATUS = {"success": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
 _INVALID = re.compile(r"[^A-Za-z0-9_\-. /]")  # MLflow's allowed characters in names
 MAX_PARAM_CHARS = 6000
+MAX_METRICS_PER_CALL = 1000
 
 
 def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -42,10 +43,16 @@ class MLflowLogger(Logger):
         log_checkpoints: copy each committed ModelCheckpoint directory into the run's
             artifacts under `checkpoints/<step>`.
 
+    Writes are batched: one `log_batch` at most every `write_interval_s` (5 s; set the
+    attribute to change it), since each call costs ~1.4 ms of CPU with the file store (it
+    re-reads the run's metadata) and a round trip with a tracking server.
+
     The run id is saved in checkpoints, so a resumed fit continues the same run; steps the
     run already holds (logged after the checkpoint, before the interruption) are not logged
     twice, since MLflow cannot delete metric values (a resume is exact, so they are the same).
     """
+
+    write_interval_s = 5.0
 
     def __init__(
         self,
@@ -114,16 +121,21 @@ class MLflowLogger(Logger):
         )
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.write_rows([(step, metrics)])
+
+    def write_rows(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+        """All rows in one `log_batch` (chunks of MLflow's limit of 1000 metrics a call)."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = []
-        for name, value in metrics.items():
-            key = self._key(name)
-            if step > self._logged_through.get(key, -1):
-                batch.append(Metric(key, float(value), now, step))
-        if batch:
-            self.client.log_batch(self.run_id, metrics=batch)
+        batch = [
+            Metric(key, float(value), now, step)
+            for step, metrics in rows
+            for key, value in ((self._key(n), v) for n, v in metrics.items())
+            if step > self._logged_through.get(key, -1)  # on resume: not already in the run
+        ]
+        for i in range(0, len(batch), MAX_METRICS_PER_CALL):
+            self.client.log_batch(self.run_id, metrics=batch[i : i + MAX_METRICS_PER_CALL])
 
     def log_checkpoint(self, path: str) -> None:
         step = os.path.basename(os.path.normpath(path))

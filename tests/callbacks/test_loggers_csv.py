@@ -62,3 +62,36 @@ def test_engine_logger_argument_forms():
         Engine(max_steps=1, logger="tensorboard")
     with pytest.raises(TypeError, match=r"\['ProgressBar'\]"):
         Engine(max_steps=1, logger=[ProgressBar()])
+
+
+def test_write_interval_defers_writes_and_the_fit_end_writes_everything(tmp_path):
+    from flax import nnx
+
+    from meshfit.callbacks import Callback
+    from tests.models import MLP, classification_data
+
+    logger = CSVLogger()
+    logger.write_interval_s = 3600.0  # after the first write, nothing until the fit ends
+
+    seen = []
+
+    class Peek(Callback):
+        def on_train_batch_end(self, engine, outputs, batch, batch_idx):
+            if logger.metrics_path:
+                seen.append(len(rows(logger.metrics_path)) - 1)
+
+    x, y = classification_data(n=256)
+    engine = Engine(
+        strategy="single",
+        max_epochs=2,
+        batch_size=64,
+        log_every_n_steps=2,
+        default_root_dir=str(tmp_path),
+        enable_progress_bar=False,
+        logger=[logger],
+        callbacks=[Peek()],
+    )
+    engine.fit(MLP(nnx.Rngs(0)), (x, y), val_data=(x[:64], y[:64]))
+    # (Peek runs before the logger) step 2's row is written at step 3, then nothing until the end
+    assert seen == [0, 0, 0, 1, 1, 1, 1, 1]
+    assert [r[0] for r in rows(logger.metrics_path)] == ["step", "2", "4", "6", "8"]

@@ -2,10 +2,13 @@
 
 from meshfit.callbacks.accumulation import GradientAccumulation
 from meshfit.callbacks.checkpoint import ModelCheckpoint
+from meshfit.callbacks.csv_logger import CSVLogger
 from meshfit.callbacks.device_stats import DeviceStatsMonitor
 from meshfit.callbacks.early_stopping import EarlyStopping
+from meshfit.callbacks.logger import Logger
 from meshfit.callbacks.loss_scaling import DynamicLossScaling
 from meshfit.callbacks.lr_monitor import LearningRateMonitor
+from meshfit.callbacks.mlflow_logger import MLflowLogger
 from meshfit.callbacks.nan_guard import NanGuard
 from meshfit.callbacks.prediction_writer import PredictionWriter, read_predictions
 from meshfit.callbacks.profiler import Profiler
@@ -13,15 +16,19 @@ from meshfit.callbacks.progress import ProgressBar
 from meshfit.callbacks.summary import ModelSummary
 from meshfit.callbacks.tensorboard import TensorBoardLogger
 from meshfit.callbacks.throughput import Throughput
+from meshfit.callbacks.wandb_logger import WandbLogger
 from meshfit.engine.hooks import Callback, StepTransform, all_finite
 
 __all__ = [
+    "CSVLogger",
     "Callback",
     "DeviceStatsMonitor",
     "DynamicLossScaling",
     "EarlyStopping",
     "GradientAccumulation",
     "LearningRateMonitor",
+    "Logger",
+    "MLflowLogger",
     "ModelCheckpoint",
     "ModelSummary",
     "NanGuard",
@@ -31,6 +38,7 @@ __all__ = [
     "StepTransform",
     "TensorBoardLogger",
     "Throughput",
+    "WandbLogger",
     "all_finite",
     "read_predictions",
 ]

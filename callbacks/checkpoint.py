@@ -94,6 +94,7 @@ class ModelCheckpoint(Callback):
         self.best_model_step: int | None = None
         self._source: str | None = None
         self._pending = False
+        self._uncommitted: int | None = None  # a save a logger wants once it is committed
         self.save_blocking_s: list[float] = []
 
     # ------------------------------------------------------------------ setup
@@ -188,6 +189,7 @@ class ModelCheckpoint(Callback):
         if self._pending or (self.save_last and self.writer.latest_step() != engine.global_step):
             self._save(engine)
         self.writer.wait()
+        self._announce_committed(engine)
 
     def teardown(self, engine: Engine) -> None:
         if self.writer is not None:
@@ -195,8 +197,12 @@ class ModelCheckpoint(Callback):
 
     def save_for_preemption(self, engine: Engine) -> str:
         """Save at the current step boundary (unless already saved) and wait until complete."""
-        self.writer.save(engine.global_step, *engine.checkpoint_state())
+        saved = self.writer.save(engine.global_step, *engine.checkpoint_state())
         self.writer.wait()
+        self._announce_committed(engine)
+        if saved and self._wants_paths(engine):
+            self._uncommitted = engine.global_step
+            self._announce_committed(engine)
         return self.writer.directory
 
     # ------------------------------------------------------------------ saving
@@ -211,9 +217,28 @@ class ModelCheckpoint(Callback):
         score = self._score(engine)
         if score is not None and self._better(score):
             self.best_model_score, self.best_model_step = score, engine.global_step
+        if self._uncommitted is not None:
+            self.writer.wait()  # the previous save (long done, usually) is committed
+            self._announce_committed(engine)
         state, meta = engine.checkpoint_state(position)
         if self.writer.save(engine.global_step, state, meta, score=score):
             self.save_blocking_s.append(self.writer.last_blocking_s)
+            if self._wants_paths(engine):
+                self._uncommitted = engine.global_step
+
+    @staticmethod
+    def _wants_paths(engine: Engine) -> bool:
+        return any(lg.log_checkpoints and lg.is_open for lg in engine.loggers)
+
+    def _announce_committed(self, engine: Engine) -> None:
+        """`log_checkpoint(path)` to the loggers that want it, once the save is committed."""
+        step, self._uncommitted = self._uncommitted, None
+        path = None if step is None else os.path.join(self.writer.directory, str(step))
+        if path is None or not os.path.isdir(path):  # nothing pending, or not kept by top-k
+            return
+        for logger in engine.loggers:
+            if logger.log_checkpoints and logger.is_open:
+                logger.log_checkpoint(path)
 
     def _better(self, score: float) -> bool:
         best = self.best_model_score

@@ -18,31 +18,42 @@ def _fmt(value: float) -> str:
 
 class ProgressBar(Callback):
     """Shows epoch, step, loss, `prog_bar` metrics and steps/s. Validation updates the same
-    line (never a new bar), and metrics refresh at the log cadence, so no step waits for it."""
+    line (never a new bar), and metrics refresh at the log cadence, so no step waits for it.
+
+    The bar appears with the first step, so everything printed at fit start (the hardware
+    line, the model summary, a logger's banner) comes before it rather than through it."""
 
     def __init__(self, refresh_rate: float = 0.2, leave: bool = True, file: Any = None):
         self.refresh_rate, self.leave, self.file = refresh_rate, leave, file
         self.bar: tqdm | None = None
         self.eval_bar: tqdm | None = None  # Engine.test / Engine.predict
         self._shown: dict[str, str] = {}
+        self._active = False
+        self._initial = 0
 
     def on_fit_start(self, engine: Engine) -> None:
-        if not engine.is_global_zero:
-            return
+        self._active, self._initial, self._shown = engine.is_global_zero, engine.global_step, {}
+
+    def _total(self, engine: Engine) -> int | None:
         total = engine.max_steps
         if engine.max_epochs is not None and engine.num_training_batches is not None:
             epoch_steps = engine.max_epochs * engine.num_training_batches
             total = min(total, epoch_steps) if total is not None else epoch_steps
-        self.bar = tqdm(
-            total=total,
-            initial=engine.global_step,
-            unit="step",
-            dynamic_ncols=True,
-            mininterval=self.refresh_rate,
-            leave=self.leave,
-            file=self.file,
-        )
-        self._set_epoch(engine)
+        return total
+
+    def _ensure_bar(self, engine: Engine) -> tqdm | None:
+        if self.bar is None and self._active:
+            self.bar = tqdm(
+                total=self._total(engine),
+                initial=self._initial,
+                unit="step",
+                dynamic_ncols=True,
+                mininterval=self.refresh_rate,
+                leave=self.leave,
+                file=self.file,
+            )
+            self._set_epoch(engine)
+        return self.bar
 
     def _set_epoch(self, engine: Engine) -> None:
         if self.bar is not None:
@@ -53,11 +64,11 @@ class ProgressBar(Callback):
         self._set_epoch(engine)
 
     def on_train_batch_end(self, engine: Engine, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.bar is not None:
+        if self._ensure_bar(engine) is not None:
             self.bar.update(1)
 
     def on_log(self, engine: Engine, metrics: dict[str, float]) -> None:
-        if self.bar is None:
+        if self._ensure_bar(engine) is None:
             return
         meta = {**engine.metric_meta, **engine.val_metric_meta}
         for name, value in metrics.items():
@@ -111,3 +122,4 @@ class ProgressBar(Callback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        self._active = False

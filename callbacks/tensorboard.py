@@ -3,85 +3,54 @@
 from __future__ import annotations
 
 import os
-import re
 from typing import TYPE_CHECKING, Any
 
-from meshfit.engine.hooks import Callback
+from meshfit.callbacks.logger import Logger, next_version_dir
 
 if TYPE_CHECKING:
     from meshfit.engine.engine import Engine
 
-
-def next_version_dir(root: str) -> str:
-    """`root/version_N` with N one past the largest existing version."""
-    versions = [
-        int(m.group(1))
-        for name in (os.listdir(root) if os.path.isdir(root) else [])
-        if (m := re.fullmatch(r"version_(\d+)", name))
-    ]
-    return os.path.join(root, f"version_{max(versions, default=-1) + 1}")
+__all__ = ["TensorBoardLogger", "next_version_dir"]
 
 
-class TensorBoardLogger(Callback):
-    """Writes every logged metric at the log cadence (and after validation) as a scalar,
-    keyed by the optimizer step, plus the run's hyperparameters.
-
-    A log is written at the next step's `on_train_batch_end` (tensorboardX takes ~0.2 ms a
-    scalar; right after a metric read the device would wait for it), or at the end of a
-    validation, epoch or fit.
+class TensorBoardLogger(Logger):
+    """Writes every logged metric as a scalar keyed by the optimizer step, plus the run's
+    hyperparameters (tensorboardX takes ~0.2 ms a scalar, so writes wait for the next step;
+    see `Logger`).
 
     Logs go to `save_dir/version_N` (default `<default_root_dir>/tensorboard`); see them with
-    `tensorboard --logdir runs/tensorboard`.
+    `tensorboard --logdir runs/tensorboard`. A resumed run writes to the same version directory
+    and tells TensorBoard to hide what it had logged after the checkpoint (`purge_step`).
     """
 
     def __init__(self, save_dir: str | None = None, flush_secs: int = 30):
+        super().__init__()
         self.save_dir, self.flush_secs = save_dir, flush_secs
-        self.log_dir: str | None = None
         self.writer = None
-        self._pending: list[tuple[int, dict[str, float]]] = []
 
-    def on_fit_start(self, engine: Engine) -> None:
-        if not engine.is_global_zero or self.writer is not None:
-            return
+    def open(self, engine: Engine, resume_step: int | None) -> None:
         from tensorboardX import SummaryWriter
+
+        self.save_dir = self.save_dir or os.path.join(engine.default_root_dir, "tensorboard")
+        if self.log_dir is None or resume_step is None:
+            self.log_dir = next_version_dir(self.save_dir)
+        purge = None if resume_step is None else resume_step + 1
+        self.writer = SummaryWriter(self.log_dir, flush_secs=self.flush_secs, purge_step=purge)
+
+    def log_hyperparams(self, params: dict[str, Any]) -> None:
         from tensorboardX.summary import hparams as hparams_summaries
 
-        root = self.save_dir or os.path.join(engine.default_root_dir, "tensorboard")
-        self.log_dir = next_version_dir(root)
-        self.writer = SummaryWriter(self.log_dir, flush_secs=self.flush_secs)
         hparams = {
-            k: (v if isinstance(v, int | float | str | bool) else str(v))
-            for k, v in engine.hparams.items()
+            k: (v if isinstance(v, int | float | str | bool) else str(v)) for k, v in params.items()
         }
         # Written through this writer (add_hparams would open a second one on the same file).
         for summary in hparams_summaries(hparams, {}):
             self.writer.file_writer.add_summary(summary, 0)
 
-    def on_log(self, engine: Engine, metrics: dict[str, float]) -> None:
-        if self.writer is not None:
-            self._pending.append((engine.global_step, metrics))
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        for name, value in metrics.items():
+            self.writer.add_scalar(name, value, step)
 
-    def on_train_batch_end(self, engine: Engine, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._pending and self._pending[-1][0] < engine.global_step:
-            self._write()  # the step after the log is running: the host has time
-
-    def on_validation_end(self, engine: Engine) -> None:
-        self._write()
-
-    def on_train_epoch_end(self, engine: Engine) -> None:
-        self._write()
-
-    def on_fit_end(self, engine: Engine) -> None:
-        self._write()
-
-    def _write(self) -> None:
-        for step, metrics in self._pending:
-            for name, value in metrics.items():
-                self.writer.add_scalar(name, value, step)
-        self._pending.clear()
-
-    def teardown(self, engine: Engine) -> None:
-        if self.writer is not None:
-            self._write()
-            self.writer.close()
-            self.writer = None
+    def finalize(self, status: str) -> None:
+        self.writer.close()
+        self.writer = None

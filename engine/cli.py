@@ -4,6 +4,7 @@
                 [--model.init_args.dim 128] [--ckpt_path last] [--print_config]
     meshfit validate | test | predict --config run.yaml [--ckpt_path best]
     meshfit launch --nproc N SCRIPT [ARGS...]
+    meshfit plot LOG_DIR_OR_METRICS_CSV [--out curves.png]
 
 A config has `model: {class_path, init_args}`, `data: {class_path, init_args}` (a
 `meshfit.DataModule`), `engine: {...}` (every `Engine` argument; `strategy` as a name or
@@ -39,6 +40,7 @@ from meshfit.engine.engine import Engine
 from meshfit.engine.module import TrainModule
 from meshfit.engine.processes import distributed
 from meshfit.engine.processes.launch import main as launch
+from meshfit.engine.processes.plot import main as plot
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -327,7 +329,8 @@ def _usage() -> str:
     return (
         "usage: meshfit {fit,validate,test,predict} --config RUN.yaml [--KEY VALUE ...]\n"
         "       meshfit launch --nproc N [--coordinator HOST:PORT] "
-        "[--cpu-devices-per-process K] SCRIPT [ARGS...]"
+        "[--cpu-devices-per-process K] SCRIPT [ARGS...]\n"
+        "       meshfit plot LOG_DIR_OR_METRICS_CSV [--out curves.png]"
     )
 
 
@@ -338,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     if argv[0] == "launch":
         return launch(argv[1:])
+    if argv[0] == "plot":
+        return plot(argv[1:])
     if argv[0] in SUBCOMMANDS:
         try:
             MeshfitCLI(args=argv)
@@ -345,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"meshfit {argv[0]}: error: {exc}", file=sys.stderr)
             return 2
         return 0
-    commands = ", ".join((*SUBCOMMANDS, "launch"))
+    commands = ", ".join((*SUBCOMMANDS, "launch", "plot"))
     print(f"meshfit: unknown command {argv[0]!r}; use one of {commands}.", file=sys.stderr)
     return 2
 

@@ -41,7 +41,7 @@ class EngineConfig:
     val_every_n_steps: int | None = None
     default_root_dir: str = "./runs"
     enable_progress_bar: bool = True
-    logger: bool | Callback = True
+    logger: bool | Callback | Sequence[Callback] = True  # Loggers (meshfit.callbacks.Logger)
     precision: str = "fp32"
     gradient_clip_val: float | None = None
     gradient_clip_algorithm: str = "norm"

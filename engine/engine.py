@@ -15,6 +15,7 @@ from typing import Any
 import jax
 from flax import nnx
 
+from meshfit.callbacks.logger import Logger, resolve_loggers
 from meshfit.callbacks.nan_guard import default_nan_guard
 from meshfit.callbacks.progress import ProgressBar
 from meshfit.callbacks.summary import default_model_summary
@@ -23,6 +24,7 @@ from meshfit.engine.config import EngineConfig
 from meshfit.engine.data import make_loader
 from meshfit.engine.datamodule import DataModule, data_for
 from meshfit.engine.hooks import Callback, StepTransform
+from meshfit.engine.hparams import merge_hparams
 from meshfit.engine.module import MetricMeta, overrides
 from meshfit.engine.processes import distributed
 from meshfit.engine.run.evaluate import EvalRun
@@ -50,7 +52,9 @@ class Engine:
         log_every_n_steps: how often metrics are read from the device and logged.
         val_every_n_steps: validate every N steps; default at the end of each epoch.
         default_root_dir: where logs and checkpoints go (default ./runs).
-        enable_progress_bar / logger: turn the default progress bar / TensorBoard logger off.
+        enable_progress_bar: turn the default progress bar off.
+        logger: True (a TensorBoardLogger, unless loggers are among `callbacks`), False (none),
+            a Logger, or a list of Loggers (e.g. [CSVLogger(), WandbLogger()]).
         precision: "fp32", "bf16" or "fp16" compute dtype; master parameters stay float32.
         gradient_clip_val / gradient_clip_algorithm: clip by global "norm" or by "value".
         max_in_flight: steps dispatched ahead of the host. Default: 2 (bounds device memory, as
@@ -80,7 +84,7 @@ class Engine:
         val_every_n_steps: int | None = None,
         default_root_dir: str = "./runs",
         enable_progress_bar: bool = True,
-        logger: bool | Callback = True,
+        logger: bool | Logger | Sequence[Logger] = True,
         precision: str = "fp32",
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str = "norm",
@@ -119,6 +123,11 @@ class Engine:
     def is_global_zero(self) -> bool:
         """True on the process that prints, logs and reports."""
         return distributed.is_main_process()
+
+    @property
+    def loggers(self) -> list[Logger]:
+        """The experiment loggers among the callbacks (TensorBoard by default)."""
+        return [cb for cb in self.callbacks if isinstance(cb, Logger)]
 
     @property
     def transforms(self) -> list[StepTransform]:
@@ -194,7 +203,8 @@ class Engine:
 
     @property
     def hparams(self) -> dict[str, Any]:
-        """The run's configuration, plus the module's own `hparams` dict if it has one."""
+        """The run's configuration, the module's constructor arguments (`module.<name>` where
+        a name is taken; see `meshfit.engine.hparams`) and its own `hparams` dict if it has one."""
         out = {
             "strategy": self.strategy.name if self.strategy else str(self.config.strategy),
             "devices": len(self.devices),
@@ -205,6 +215,7 @@ class Engine:
             "precision": self.precision,
             "gradient_clip_val": self.gradient_clip_val,
         }
+        out = merge_hparams(out, self.module)
         out.update(getattr(self.module, "hparams", None) or {})
         return out
 
@@ -376,10 +387,12 @@ def _with_defaults(config: EngineConfig) -> list[Callback]:
     callbacks = list(config.callbacks)
     if config.enable_progress_bar and not any(isinstance(cb, ProgressBar) for cb in callbacks):
         callbacks.append(ProgressBar())
-    if isinstance(config.logger, Callback):
-        callbacks.append(config.logger)
-    elif config.logger and not any(isinstance(cb, TensorBoardLogger) for cb in callbacks):
-        callbacks.append(TensorBoardLogger())
+    loggers = resolve_loggers(config.logger)
+    if loggers is None:  # logger=True: TensorBoard, unless loggers are among the callbacks
+        if not any(isinstance(cb, Logger) for cb in callbacks):
+            callbacks.append(TensorBoardLogger())
+    else:
+        callbacks += [lg for lg in loggers if not any(lg is cb for cb in callbacks)]
     callbacks.sort(key=lambda cb: bool(getattr(cb, "run_last", False)))
     callbacks += default_nan_guard(config.nan_guard, callbacks)
     callbacks += default_model_summary(config.enable_model_summary, callbacks)

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from meshfit.engine.hparams import record_init_arguments
+
 REDUCTIONS = ("mean", "sum", "max", "min")
 
 
@@ -62,7 +64,16 @@ class TrainModule(nnx.Module):
     Override `training_step(batch)` (returns a scalar loss, or a dict holding `"loss"`),
     optionally `validation_step(batch)` / `test_step(batch)` / `predict_step(batch)`, and `configure_optimizers()` (returns an optax
     transformation). Inside either step, `self.log(name, value)` records a metric.
+
+    The constructor's arguments are recorded as the run's hyperparameters (plain values only;
+    `nnx.Rngs` and submodules are skipped); list names to leave out in `hparams_ignore`.
     """
+
+    hparams_ignore: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        record_init_arguments(cls)
 
     def training_step(self, batch: Any) -> jax.Array | dict[str, jax.Array]:
         raise NotImplementedError

@@ -4,7 +4,8 @@
 
 Each child gets the launcher environment (coordinator, world size, rank) and runs the script
 through `meshfit.bootstrap`, which sets up `jax.distributed` before the script's first line.
-Output lines are prefixed with the rank; SIGINT/SIGTERM are forwarded; if any child fails, the
+Output is forwarded as it arrives, each line prefixed with the rank (a progress bar's
+carriage-return updates stay live); SIGINT/SIGTERM are forwarded; if any child fails, the
 others are stopped (SIGTERM, then SIGKILL after a grace period) and the launcher exits non-zero.
 A child that exits 75 (preempted, after its checkpoint) is not a failure: the others get time to
 finish the same checkpoint, and the launcher exits 75 so a scheduler can requeue the job.
@@ -13,14 +14,17 @@ finish the same checkpoint, and the launcher exits 75 so a scheduler can requeue
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 from meshfit.engine.checkpoint.preemption import PREEMPTED_EXIT_CODE
 from meshfit.engine.processes import distributed
@@ -66,12 +70,55 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _pump(stream, rank: int, lock: threading.Lock) -> None:
-    for raw in iter(stream.readline, b""):
-        line = raw.decode(errors="replace").rstrip("\n")
-        with lock:
-            sys.stdout.write(f"[rank {rank}] {line}\n")
-            sys.stdout.flush()
+class RankOutput:
+    """The launcher's stdout, shared by the children: text is forwarded as it arrives, each
+    line and each carriage-return segment prefixed with its rank, so a child's progress bar
+    stays one live line. When another rank writes while a line is unfinished, that line is
+    ended first, and the unfinished one continues below with its prefix."""
+
+    def __init__(self, stream: Any = None):
+        self.stream = stream
+        self.lock = threading.Lock()
+        self.owner: int | None = None  # the rank whose text is on the current terminal line
+        self.fresh: dict[int, bool] = {}  # per rank: the next text starts a new segment
+
+    def write(self, rank: int, text: str) -> None:
+        out: list[str] = []
+        with self.lock:
+            for piece in filter(None, _SEGMENTS.split(text)):
+                fresh = self.fresh.get(rank, True)
+                if piece == "\r":
+                    if self.owner == rank:
+                        out.append("\r")
+                    self.fresh[rank] = True
+                    continue
+                if self.owner not in (None, rank):  # end another rank's unfinished line
+                    out.append("\n")
+                    self.owner = None
+                if piece == "\n":
+                    out.append("\n" if self.owner == rank else f"[rank {rank}]\n")
+                    self.owner, self.fresh[rank] = None, True
+                    continue
+                if fresh or self.owner != rank:
+                    out.append(f"[rank {rank}] ")
+                out.append(piece)
+                self.owner, self.fresh[rank] = rank, False
+            stream = self.stream or sys.stdout
+            stream.write("".join(out))
+            stream.flush()
+
+
+_SEGMENTS = re.compile(r"(\r|\n)")
+
+
+def _pump(stream: Any, rank: int, output: RankOutput) -> None:
+    """Forward a child's output as it comes, not line by line (a bar's updates stay live)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    fd = stream.fileno()
+    while chunk := os.read(fd, 65536):
+        output.write(rank, decoder.decode(chunk))
+    if tail := decoder.decode(b"", final=True):
+        output.write(rank, tail)
     stream.close()
 
 
@@ -100,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     world = args.nproc * args.nnodes
     procs: list[subprocess.Popen] = []
     pumps: list[threading.Thread] = []
-    lock = threading.Lock()
+    output = RankOutput()
     for local_rank in range(args.nproc):
         rank = args.node_rank * args.nproc + local_rank
         env = dict(
@@ -120,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
         )
         procs.append(p)
-        pumps.append(threading.Thread(target=_pump, args=(p.stdout, rank, lock), daemon=True))
+        pumps.append(threading.Thread(target=_pump, args=(p.stdout, rank, output), daemon=True))
         pumps[-1].start()
 
     def forward(signum, _frame):

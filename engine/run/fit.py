@@ -183,9 +183,9 @@ class FitRun(EvalRun):
             ).compile()
             if engine.is_global_zero:
                 print(hardware_report(engine.devices), flush=True)
-            self.hooks("on_fit_start")
             self.preemption.install()
-            try:
+            try:  # from on_fit_start on, a failure still reaches on_exception and teardown
+                self.hooks("on_fit_start")
                 sanity_check(self, self.config.num_sanity_val_steps)
                 self.fit_loop()
                 self.hooks("on_fit_end")

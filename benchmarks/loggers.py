@@ -229,7 +229,8 @@ def main():
         "MLP 784-256-256-10, batch 64"
     )
     with tempfile.TemporaryDirectory() as root:
-        os.environ["WANDB_DIR"] = root
+        for name in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+            os.environ[name] = root
         run_fit(four_loggers(root), [], root, 2 * args.log_every, args.log_every)  # warm up
         if args.mode in ("both", "segments"):
             segments(root, 2 * args.segments, args.segment, args.log_every)

@@ -34,6 +34,8 @@ def wandb_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
     monkeypatch.setenv("WANDB_SILENT", "true")
+    for name in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):  # staging, logs
+        monkeypatch.setenv(name, str(tmp_path / "wandb-home" / name.lower()))
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
 
 
@@ -239,6 +241,7 @@ def test_process_one_of_two_writes_nothing(tmp_path, monkeypatch):
     assert not engine.is_global_zero and logged["loss"]
     assert all(not logger.is_open and logger.log_dir is None for logger in engine.loggers)
     written = [p for p in glob.glob(str(tmp_path / "**"), recursive=True) if os.path.isfile(p)]
+    written = [p for p in written if "wandb-home" not in p]
     assert written == []
 
 

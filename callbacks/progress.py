@@ -20,6 +20,8 @@ class ProgressBar(Callback):
     """Shows epoch, step, loss, `prog_bar` metrics and steps/s. Validation updates the same
     line (never a new bar), and metrics refresh at the log cadence, so no step waits for it."""
 
+    fusion_safe = True  # its batch hooks are right when replayed after a fused dispatch
+
     def __init__(self, refresh_rate: float = 0.2, leave: bool = True, file: Any = None):
         self.refresh_rate, self.leave, self.file = refresh_rate, leave, file
         self.bar: tqdm | None = None

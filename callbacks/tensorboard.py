@@ -34,6 +34,8 @@ class TensorBoardLogger(Callback):
     `tensorboard --logdir runs/tensorboard`.
     """
 
+    fusion_safe = True  # its batch hooks are right when replayed after a fused dispatch
+
     def __init__(self, save_dir: str | None = None, flush_secs: int = 30):
         self.save_dir, self.flush_secs = save_dir, flush_secs
         self.log_dir: str | None = None

@@ -48,6 +48,8 @@ class EngineConfig:
     max_in_flight: int | None = None
     nan_guard: str | bool = "error"
     enable_model_summary: bool = True
+    steps_per_dispatch: int | str = "auto"
+    data_on_device: bool | str = "auto"
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -78,6 +80,17 @@ class EngineConfig:
             raise ValueError(
                 f"nan_guard={self.nan_guard!r} is not supported; use 'error' (stop at a "
                 "non-finite loss), 'warn' (skip such steps and warn) or False (no check)."
+            )
+        spd = self.steps_per_dispatch
+        if spd != "auto" and (isinstance(spd, bool) or not isinstance(spd, int) or spd < 1):
+            raise ValueError(
+                f"steps_per_dispatch={spd!r}: use 'auto' (as many steps per compiled call as "
+                "the cadences allow) or a positive integer (1: one step per dispatch)."
+            )
+        if self.data_on_device not in ("auto", True, False):
+            raise ValueError(
+                f"data_on_device={self.data_on_device!r}: use 'auto' (NumPy training data "
+                "within the budget goes to the device once), True or False."
             )
         for cb in self.callbacks:
             if not isinstance(cb, Callback):

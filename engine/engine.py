@@ -56,6 +56,14 @@ class Engine:
         nan_guard: on a non-finite loss, skip the update and "error" (stop, naming the step) or
             "warn"; False turns the check off. Inactive with DynamicLossScaling (it skips).
         enable_model_summary: print the ModelSummary table at fit start (process 0).
+        steps_per_dispatch: optimizer steps fused into one compiled call (`lax.scan`). "auto":
+            as many as possible without passing a step the host must see (log, validation,
+            checkpoint and profiler cadences, max_steps, the epoch's end); 1 if a callback
+            overrides the batch hooks without declaring `fusion_safe`. Bitwise equal to 1.
+        data_on_device: keep NumPy training data on the device (transferred once, each
+            epoch's permutation applied on the device). "auto": when it fits the budget (a
+            quarter of the device memory where `memory_stats()` reports it, 1 GiB on CPU),
+            single-process, without gradient accumulation; True insists (or errors).
     """
 
     def __init__(
@@ -78,6 +86,8 @@ class Engine:
         max_in_flight: int | None = None,
         nan_guard: str | bool = "error",
         enable_model_summary: bool = True,
+        steps_per_dispatch: int | str = "auto",
+        data_on_device: bool | str = "auto",
     ):
         self.config = EngineConfig(
             strategy=strategy,
@@ -98,6 +108,8 @@ class Engine:
             max_in_flight=max_in_flight,
             nan_guard=nan_guard,
             enable_model_summary=enable_model_summary,
+            steps_per_dispatch=steps_per_dispatch,
+            data_on_device=data_on_device,
         )
         distributed.initialize()  # no-op unless the environment describes a multi-process job
         self.devices = _resolve_devices(devices)
@@ -154,6 +166,17 @@ class Engine:
     def layout(self) -> Any:
         """The strategy's answer for this run's state (shardings, parameter specs)."""
         return getattr(self.run, "layout", None)
+
+    @property
+    def dispatch_summary(self) -> str | None:
+        """How many steps a dispatch fuses in this fit, and which callback forced 1 if any."""
+        planner = getattr(self.run, "planner", None)
+        return None if planner is None else planner.describe()
+
+    @property
+    def data_on_device_active(self) -> bool:
+        """Whether this fit keeps its training data on the device."""
+        return getattr(self.run, "device_data", None) is not None
 
     @property
     def compiled_step(self) -> Any:

@@ -24,11 +24,14 @@ from meshfit.engine.data import make_loader
 from meshfit.engine.hardware import hardware_report
 from meshfit.engine.module import MetricMeta
 from meshfit.engine.processes import distributed
+from meshfit.engine.run import device_data
+from meshfit.engine.run.device_metrics import DeviceMetrics
+from meshfit.engine.run.dispatch import DispatchPlanner, HostGroups, StepOutputs
 from meshfit.engine.run.evaluate import EvalRun
 from meshfit.engine.run.inflight import InFlight, in_flight_limit
-from meshfit.engine.run.metrics import MetricWindow
 from meshfit.engine.state import LiveState, TrainState
-from meshfit.engine.step.build import jit_train_step
+from meshfit.engine.step.build import leaves_train_step
+from meshfit.engine.step.fused import COUNT, FusedStep, stacked_sharding
 from meshfit.engine.step.plan import ModuleOrFactory, StatePlan, build_state
 from meshfit.engine.trees import tree_bytes
 
@@ -50,17 +53,47 @@ class FitRun(EvalRun):
             config.max_in_flight, strategy.mesh, config.log_every_n_steps, self.batch_bytes
         )
         self.train_meta: dict[str, MetricMeta] = {}  # filled while the step is traced
-        self.train_step = jit_train_step(
-            plan, strategy, engine.transforms, self.train_meta, config.precision, self.batch_example
+        step = leaves_train_step(
+            plan, strategy, engine.transforms, self.train_meta, config.precision
         )
+        self.device_data = self._device_data(engine)
+        if self.device_data is not None:  # the step gathers its rows on the device
+            self.batch_example = self.device_data.step_shapes()
+        self.fused = FusedStep(
+            step,
+            self.train_meta,
+            strategy,
+            jax.tree.structure(plan.abstract).flatten_up_to(plan.shardings),
+            rows=None if self.device_data is None else self.device_data.rows,
+        )
+        names = jax.eval_shape(step, self.live.leaves, self.batch_example)[1]
+        self.window = DeviceMetrics(self.train_meta, names, strategy.replicated())
         self.module = (
             module
             if isinstance(module, nnx.Module)
             else nnx.merge(plan.graphdef, state.params, state.rest)
         )
-        self.window = MetricWindow(self.train_meta)
         self.compiled_step: Any = None
         self.preemption = PreemptionWatcher()
+        every = config.val_every_n_steps if self.val_loader is not None else None
+        multi = distributed.process_count() > 1
+        self.planner = DispatchPlanner(
+            config.steps_per_dispatch,
+            engine,
+            engine.callbacks,
+            val_every=every,
+            preemption_every=self.preemption.sync_every if multi else None,
+        )
+
+    def _device_data(self, engine: Any) -> device_data.DeviceData | None:
+        """The training arrays on the device, if `data_on_device` (and "auto"'s budget) allow."""
+        keep = device_data.choose(
+            self.config.data_on_device,
+            self.train_loader,
+            distributed.process_count(),
+            engine.devices,
+        )
+        return device_data.DeviceData(self.train_loader, self.strategy) if keep else None
 
     def _loader(self, data: Any, name: str, train: bool = False) -> Any:
         """Training loaders shuffle and drop the last partial batch."""
@@ -161,9 +194,9 @@ class FitRun(EvalRun):
         engine = self.engine
         # Tracing, compiling and the loop all run under the mesh (it is part of the trace key).
         with jax.set_mesh(self.strategy.mesh):
-            self.compiled_step = self.train_step.lower(
-                self.live.leaves, self.batch_example
-            ).compile()
+            self.compiled_step = self.fused.compile(
+                1, self.live.leaves, self.window.acc, self.abstract_xs()
+            )
             if engine.is_global_zero:
                 print(hardware_report(engine.devices), flush=True)
             self.hooks("on_fit_start")
@@ -186,61 +219,83 @@ class FitRun(EvalRun):
 
     def fit_loop(self) -> None:
         """Epochs of steps until max_epochs / max_steps / should_stop, from the data position:
-        one dispatch per step, metrics read at the log cadence, hooks in documented order."""
-        engine, config, hooks, live, window = (
-            self.engine,
-            self.config,
-            self.hooks,
-            self.live,
-            self.window,
-        )
+        each dispatch fuses as many steps as `DispatchPlanner` allows, metrics accumulate on
+        the device and are read at the log cadence, hooks run in documented order."""
+        engine, hooks, live, window = self.engine, self.hooks, self.live, self.window
         in_flight = InFlight(self.in_flight_limit)
-        batch_hooks = hooks.has("on_train_batch_start", "on_train_batch_end")
-        step, timings = self.train_step, engine.timings
-        log_every, val_every = config.log_every_n_steps, config.val_every_n_steps
+        start_hooks = hooks.has("on_train_batch_start")
+        end_hooks = hooks.has("on_train_batch_end")
+        log_every, val_every = self.config.log_every_n_steps, self.config.val_every_n_steps
         validate_mid_epoch = self.val_loader is not None and val_every
+        timings, n = engine.timings, engine.num_training_batches
         timings.start()  # phases: waiting for data until the step is dispatched
         while not self.finished():
             hooks("on_train_epoch_start")
-            position, self.first_batches = self.first_batches, None
-            if position and position[:2] == (engine.current_epoch, engine.batch_idx):
-                batches = position[2]
-            else:
-                batches = self.train_loader.epoch(
-                    engine.current_epoch, engine.batch_idx, self.placer.rows_for
-                )
+            take = self.epoch_source()
             exhausted, epoch_start = True, engine.batch_idx
-            on_device = self.placer.prefetch(batches)
-            for batch, _rows in on_device:
-                if batch_hooks:
-                    hooks("on_train_batch_start", batch, engine.batch_idx)
+            while True:
+                k = self.planner.next_k(engine, None if n is None else n - engine.batch_idx)
+                xs, k, shapes = take(k) if k else (None, 0, None)
+                if not k:
+                    break
+                g0, b0 = engine.global_step, engine.batch_idx
+                if start_hooks:
+                    self.replay("on_train_batch_start", g0, b0, k, shapes)
                 timings.begin_step()
-                leaves, outputs = step(live.leaves, batch)
+                leaves, acc, per_step = self.fused(k, live.leaves, window.acc, xs)
                 live.advance(leaves)
-                with timings.phase("data"):
-                    on_device.refill()  # the next batch's transfer overlaps this step
-                window.add(outputs)
-                in_flight.add(outputs)
-                window.settle()  # read the steps already finished, while the device runs on
+                window.update(acc, k)
+                in_flight.add(per_step, k)
                 timings.switch("data")
-                engine.global_step += 1
-                engine.batch_idx += 1
+                if end_hooks and k > 1:
+                    self.replay("on_train_batch_end", g0, b0, k - 1, shapes, per_step)
+                engine.global_step, engine.batch_idx = g0 + k, b0 + k
                 if engine.global_step % log_every == 0:
                     self.log_window()
-                if batch_hooks:
-                    hooks("on_train_batch_end", outputs, batch, engine.batch_idx - 1)
+                if end_hooks:
+                    hooks("on_train_batch_end", StepOutputs(per_step, k - 1), shapes, b0 + k - 1)
                 if validate_mid_epoch and engine.global_step % val_every == 0:
                     self.validation_pass(self.val_loader)
                 if self.preemption.requested(engine.global_step):
                     self.checkpoint_and_exit()  # saves, then raises Preempted (exit 75)
                 if engine.should_stop or self.reached_max_steps():
-                    n = engine.num_training_batches
                     exhausted = n is not None and engine.batch_idx >= n
                     break
             self.end_epoch(exhausted, epoch_start)
         with timings.phase("step"):
             jax.block_until_ready(live.leaves)
         timings.stop()
+
+    def epoch_source(self) -> Any:
+        """`take(k) -> (xs, steps, one step's shapes)` over this epoch from the data position."""
+        engine = self.engine
+        epoch, start = engine.current_epoch, engine.batch_idx
+        position, self.first_batches = self.first_batches, None
+        if self.device_data is not None:
+            data = self.device_data
+
+            def take(k: int) -> tuple[Any, int, Any]:
+                k = min(k, len(data) - engine.batch_idx)
+                return data.xs(epoch, engine.batch_idx), max(k, 0), data.step_shapes()
+
+            return take
+        if position and position[:2] == (epoch, start):
+            batches = position[2]
+        else:
+            batches = self.train_loader.epoch(epoch, start, self.placer.rows_for)
+        return HostGroups(batches, self.strategy).take
+
+    def replay(self, hook: str, g0: int, b0: int, k: int, shapes: Any, per_step=None) -> None:
+        """A batch hook for each of `k` steps of a dispatch, with that step's counters (and
+        outputs, for the end hook); the counters are left as they were."""
+        engine, end = self.engine, hook == "on_train_batch_end"
+        for j in range(k):
+            engine.global_step, engine.batch_idx = g0 + j + end, b0 + j + end
+            if end:
+                self.hooks(hook, StepOutputs(per_step, j), shapes, b0 + j)
+            else:
+                self.hooks(hook, shapes, b0 + j)
+        engine.global_step, engine.batch_idx = g0, b0
 
     def end_epoch(self, exhausted: bool, epoch_start: int) -> None:
         engine = self.engine
@@ -271,6 +326,18 @@ class FitRun(EvalRun):
         max_steps = self.config.max_steps
         return max_steps is not None and self.engine.global_step >= max_steps
 
+    def abstract_xs(self) -> Any:
+        """One step's batch source as shapes and shardings (compiles the K=1 dispatch)."""
+        if self.device_data is not None:
+            data, perm, start = self.device_data.xs(self.engine.current_epoch, 0)
+            return data, perm, start
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(
+                (1, *x.shape), x.dtype, sharding=stacked_sharding(self.strategy, x.ndim + 1)
+            ),
+            self.batch_example,
+        )
+
     def log_window(self) -> None:
         if len(self.window):
             with self.engine.timings.phase("step"):  # reading the metrics waits for the device
@@ -279,10 +346,7 @@ class FitRun(EvalRun):
 
     def train_metric_names(self) -> set[str]:
         """Metrics the compiled train step returns (logged every `log_every_n_steps`)."""
-        names = set(self.train_meta)
-        if self.compiled_step is not None:
-            names |= set(self.compiled_step.out_info[1])
-        return names
+        return set(self.train_meta) | (set(self.window.acc) - {COUNT})
 
 
 def resolve_checkpoint(engine: Any, ckpt_path: str | os.PathLike) -> tuple[str, int] | None:

@@ -63,6 +63,9 @@ class Callback:
 
     #: The batch hooks are correct when called after a fused dispatch (see above).
     fusion_safe: bool = False
+    #: An `on_train_epoch_end` override reads the epoch's metrics (the engine then logs the
+    #: training window at each epoch's end, which waits for the device); False if it does not.
+    epoch_end_reads_metrics: bool = True
 
     def next_host_step(self, engine: Engine) -> int | None:
         """The next global step (> engine.global_step) after which this callback must see the

@@ -156,3 +156,16 @@ class StepOutputs(Mapping):
 
     def __len__(self) -> int:
         return len(self.stacked)
+
+
+def replay(hooks: Any, engine: Any, hook: str, g0: int, b0: int, k: int, shapes, per_step=None):
+    """A batch hook for each of `k` steps of a dispatch from step `g0` / batch `b0`, with that
+    step's counters (and outputs, for the end hook); the counters are left as they were."""
+    end = hook == "on_train_batch_end"
+    for j in range(k):
+        engine.global_step, engine.batch_idx = g0 + j + end, b0 + j + end
+        if end:
+            hooks(hook, StepOutputs(per_step, j), shapes, b0 + j)
+        else:
+            hooks(hook, shapes, b0 + j)
+    engine.global_step, engine.batch_idx = g0, b0

@@ -22,16 +22,17 @@ from meshfit.engine.checkpoint.restore import restore_state
 from meshfit.engine.checkpoint.writer import CheckpointWriter
 from meshfit.engine.data import make_loader
 from meshfit.engine.hardware import hardware_report
+from meshfit.engine.hooks import overridden_hooks
 from meshfit.engine.module import MetricMeta
 from meshfit.engine.processes import distributed
-from meshfit.engine.run import device_data
 from meshfit.engine.run.device_metrics import DeviceMetrics
-from meshfit.engine.run.dispatch import DispatchPlanner, HostGroups, StepOutputs
+from meshfit.engine.run.dispatch import DispatchPlanner, StepOutputs, replay
 from meshfit.engine.run.evaluate import EvalRun
+from meshfit.engine.run.feed import TrainFeed
 from meshfit.engine.run.inflight import InFlight, in_flight_limit
 from meshfit.engine.state import LiveState, TrainState
 from meshfit.engine.step.build import leaves_train_step
-from meshfit.engine.step.fused import COUNT, FusedStep, stacked_sharding
+from meshfit.engine.step.fused import COUNT, FusedStep
 from meshfit.engine.step.plan import ModuleOrFactory, StatePlan, build_state
 from meshfit.engine.trees import tree_bytes
 
@@ -56,7 +57,8 @@ class FitRun(EvalRun):
         step = leaves_train_step(
             plan, strategy, engine.transforms, self.train_meta, config.precision
         )
-        self.device_data = self._device_data(engine)
+        self.feed = TrainFeed(engine, self.train_loader, self.placer)
+        self.device_data = self.feed.device_data
         if self.device_data is not None:  # the step gathers its rows on the device
             self.batch_example = self.device_data.step_shapes()
         self.fused = FusedStep(
@@ -75,6 +77,11 @@ class FitRun(EvalRun):
         )
         self.compiled_step: Any = None
         self.preemption = PreemptionWatcher()
+        self.epoch_end_reads = any(  # a callback reads the metrics at each epoch's end
+            "on_train_epoch_end" in overridden_hooks(cb)
+            and getattr(cb, "epoch_end_reads_metrics", True)
+            for cb in engine.callbacks
+        )
         every = config.val_every_n_steps if self.val_loader is not None else None
         multi = distributed.process_count() > 1
         self.planner = DispatchPlanner(
@@ -84,16 +91,6 @@ class FitRun(EvalRun):
             val_every=every,
             preemption_every=self.preemption.sync_every if multi else None,
         )
-
-    def _device_data(self, engine: Any) -> device_data.DeviceData | None:
-        """The training arrays on the device, if `data_on_device` (and "auto"'s budget) allow."""
-        keep = device_data.choose(
-            self.config.data_on_device,
-            self.train_loader,
-            distributed.process_count(),
-            engine.devices,
-        )
-        return device_data.DeviceData(self.train_loader, self.strategy) if keep else None
 
     def _loader(self, data: Any, name: str, train: bool = False) -> Any:
         """Training loaders shuffle and drop the last partial batch."""
@@ -195,7 +192,7 @@ class FitRun(EvalRun):
         # Tracing, compiling and the loop all run under the mesh (it is part of the trace key).
         with jax.set_mesh(self.strategy.mesh):
             self.compiled_step = self.fused.compile(
-                1, self.live.leaves, self.window.acc, self.abstract_xs()
+                1, self.live.leaves, self.window.acc, self.feed.abstract_xs(self.batch_example)
             )
             if engine.is_global_zero:
                 print(hardware_report(engine.devices), flush=True)
@@ -231,7 +228,8 @@ class FitRun(EvalRun):
         timings.start()  # phases: waiting for data until the step is dispatched
         while not self.finished():
             hooks("on_train_epoch_start")
-            take = self.epoch_source()
+            take = self.feed.epoch(engine, self.first_batches)
+            self.first_batches = None
             exhausted, epoch_start = True, engine.batch_idx
             while True:
                 k = self.planner.next_k(engine, None if n is None else n - engine.batch_idx)
@@ -240,7 +238,7 @@ class FitRun(EvalRun):
                     break
                 g0, b0 = engine.global_step, engine.batch_idx
                 if start_hooks:
-                    self.replay("on_train_batch_start", g0, b0, k, shapes)
+                    replay(hooks, engine, "on_train_batch_start", g0, b0, k, shapes)
                 timings.begin_step()
                 leaves, acc, per_step = self.fused(k, live.leaves, window.acc, xs)
                 live.advance(leaves)
@@ -248,7 +246,7 @@ class FitRun(EvalRun):
                 in_flight.add(per_step, k)
                 timings.switch("data")
                 if end_hooks and k > 1:
-                    self.replay("on_train_batch_end", g0, b0, k - 1, shapes, per_step)
+                    replay(hooks, engine, "on_train_batch_end", g0, b0, k - 1, shapes, per_step)
                 engine.global_step, engine.batch_idx = g0 + k, b0 + k
                 if engine.global_step % log_every == 0:
                     self.log_window()
@@ -262,40 +260,10 @@ class FitRun(EvalRun):
                     exhausted = n is not None and engine.batch_idx >= n
                     break
             self.end_epoch(exhausted, epoch_start)
+        self.log_window()  # the steps since the last log
         with timings.phase("step"):
             jax.block_until_ready(live.leaves)
         timings.stop()
-
-    def epoch_source(self) -> Any:
-        """`take(k) -> (xs, steps, one step's shapes)` over this epoch from the data position."""
-        engine = self.engine
-        epoch, start = engine.current_epoch, engine.batch_idx
-        position, self.first_batches = self.first_batches, None
-        if self.device_data is not None:
-            data = self.device_data
-
-            def take(k: int) -> tuple[Any, int, Any]:
-                k = min(k, len(data) - engine.batch_idx)
-                return data.xs(epoch, engine.batch_idx), max(k, 0), data.step_shapes()
-
-            return take
-        if position and position[:2] == (epoch, start):
-            batches = position[2]
-        else:
-            batches = self.train_loader.epoch(epoch, start, self.placer.rows_for)
-        return HostGroups(batches, self.strategy).take
-
-    def replay(self, hook: str, g0: int, b0: int, k: int, shapes: Any, per_step=None) -> None:
-        """A batch hook for each of `k` steps of a dispatch, with that step's counters (and
-        outputs, for the end hook); the counters are left as they were."""
-        engine, end = self.engine, hook == "on_train_batch_end"
-        for j in range(k):
-            engine.global_step, engine.batch_idx = g0 + j + end, b0 + j + end
-            if end:
-                self.hooks(hook, StepOutputs(per_step, j), shapes, b0 + j)
-            else:
-                self.hooks(hook, shapes, b0 + j)
-        engine.global_step, engine.batch_idx = g0, b0
 
     def end_epoch(self, exhausted: bool, epoch_start: int) -> None:
         engine = self.engine
@@ -307,8 +275,9 @@ class FitRun(EvalRun):
                 "iterator is exhausted after one epoch: pass a re-iterable (a list, or an "
                 "object whose __iter__ starts over) or stop with max_steps."
             )
-        self.log_window()
         validate_at_end = self.val_loader is not None and self.config.val_every_n_steps is None
+        if validate_at_end or (exhausted and self.epoch_end_reads):
+            self.log_window()  # waits for the device: only when something reads the values
         if validate_at_end:  # at the epoch's end, or stopped mid-epoch: still report it
             self.validation_pass(self.val_loader)
         if exhausted:
@@ -325,18 +294,6 @@ class FitRun(EvalRun):
     def reached_max_steps(self) -> bool:
         max_steps = self.config.max_steps
         return max_steps is not None and self.engine.global_step >= max_steps
-
-    def abstract_xs(self) -> Any:
-        """One step's batch source as shapes and shardings (compiles the K=1 dispatch)."""
-        if self.device_data is not None:
-            data, perm, start = self.device_data.xs(self.engine.current_epoch, 0)
-            return data, perm, start
-        return jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(
-                (1, *x.shape), x.dtype, sharding=stacked_sharding(self.strategy, x.ndim + 1)
-            ),
-            self.batch_example,
-        )
 
     def log_window(self) -> None:
         if len(self.window):

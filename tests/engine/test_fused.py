@@ -76,11 +76,23 @@ def test_host_path_stacks_the_batches_of_a_dispatch_bitwise():
 
 
 def test_only_a_few_sizes_compile_over_a_multi_epoch_fit():
-    engine, *_ = fit("auto", max_epochs=5, log_every_n_steps=8)
+    compiles, per_epoch = [], []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, secs, **kw: compiles.append(name) if "backend_compile" in name else None
+    )
+
+    class Epochs(Callback):
+        epoch_end_reads_metrics = False
+
+        def on_train_epoch_end(self, engine):
+            per_epoch.append(len(compiles))
+
+    engine, *_ = fit("auto", max_epochs=5, log_every_n_steps=8, callbacks=[Epochs()])
     fused = engine.run.fused
     # 10 steps an epoch, logs every 8: remainders 2, 6, 4, ... run as powers of two
     assert set(fused.sizes) <= set(dispatch_sizes(8)) and len(fused.sizes) <= 4
-    assert all(fn._cache_size() == 1 for fn in fused.jitted.values())  # one compile each
+    assert all(fn._cache_size() <= 1 for fn in fused.jitted.values())  # one compile each
+    assert per_epoch[1] == per_epoch[-1]  # nothing compiles after the second epoch
 
 
 def test_validation_and_checkpoint_cadences_hit_the_same_steps(tmp_path):
@@ -95,7 +107,7 @@ def test_validation_and_checkpoint_cadences_hit_the_same_steps(tmp_path):
     runs = []
     for spd in (1, "auto"):
         v = Validations()
-        ckpt = ModelCheckpoint(dirpath=tmp_path / str(spd), every_n_steps=3, save_top_k=-1)
+        ckpt = ModelCheckpoint(dirpath=tmp_path / str(spd), every_n_steps=3, save_top_k=10)
         out = fit(spd, val_every_n_steps=5, callbacks=[v, ckpt], val=(x, y), max_steps=13)
         runs.append((out, v.at, sorted(p.name for p in (tmp_path / str(spd)).iterdir())))
     (one, v1, c1), (auto, v2, c2) = runs
@@ -127,7 +139,7 @@ def test_nan_guard_names_the_exact_step_inside_a_dispatch():
 
 def test_resume_mid_epoch_inside_a_fused_run_is_bitwise(tmp_path):
     ref = fit("auto", max_steps=14, max_epochs=None, log_every_n_steps=5)
-    ckpt = lambda: ModelCheckpoint(dirpath=tmp_path, every_n_steps=7, save_top_k=-1)  # noqa: E731
+    ckpt = lambda: ModelCheckpoint(dirpath=tmp_path, every_n_steps=7, save_top_k=10)  # noqa: E731
     fit("auto", max_steps=7, max_epochs=None, log_every_n_steps=5, callbacks=[ckpt()])
     x, y = classification_data(n=320)
     record = Record()

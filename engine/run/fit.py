@@ -239,7 +239,7 @@ class FitRun(EvalRun):
                 g0, b0 = engine.global_step, engine.batch_idx
                 if start_hooks:
                     replay(hooks, engine, "on_train_batch_start", g0, b0, k, shapes)
-                timings.begin_step()
+                timings.begin_step(k)
                 leaves, acc, per_step = self.fused(k, live.leaves, window.acc, xs)
                 live.advance(leaves)
                 window.update(acc, k)

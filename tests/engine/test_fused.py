@@ -54,7 +54,7 @@ def assert_same(a, b):
     _, pa, la, sa = a
     _, pb, lb, sb = b
     assert all(np.array_equal(x, y) for x, y in zip(pa, pb, strict=True))
-    assert la == lb and sa == sb
+    assert repr(la) == repr(lb) and repr(sa) == repr(sb)  # repr: nan equals nan
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -167,3 +167,44 @@ def test_bad_arguments_fail_before_anything_compiles():
     engine = Engine(max_steps=1, data_on_device=True, batch_size=32, **quiet())
     with pytest.raises(ValueError, match="cannot keep train_data on the device"):
         engine.fit(MLP(nnx.Rngs(0)), [(x[:32], y[:32])])
+
+
+def test_accumulation_and_clipping_run_per_optimizer_step_inside_a_dispatch():
+    from meshfit.callbacks import GradientAccumulation
+
+    runs = [
+        fit(
+            spd,
+            "dp",
+            callbacks=[GradientAccumulation(2)],
+            gradient_clip_val=0.1,
+            max_epochs=2,
+            n=288,  # 9 micro-batches an epoch: 5 steps, the last one short
+        )
+        for spd in (1, "auto")
+    ]
+    assert runs[1][0].run.device_data is None  # accumulation feeds stacked host windows
+    assert runs[1][0].run.fused.sizes != [1]
+    assert_same(*runs)
+
+
+def test_warn_mode_skips_only_the_bad_step_inside_a_dispatch():
+    x, y = classification_data(n=320)
+    x = x.copy()
+    x[[5, 200], 0] = np.nan
+    runs = []
+    for spd in (1, "auto"):
+        engine = Engine(
+            strategy="single",
+            max_epochs=1,
+            batch_size=32,
+            nan_guard="warn",
+            steps_per_dispatch=spd,
+            **quiet(),
+        )
+        module = MLP(nnx.Rngs(0))
+        with pytest.warns(RuntimeWarning, match=r"2 training step\(s\)"):
+            engine.fit(module, (x, y))
+        assert int(engine.state.step) == 8  # 10 steps, 2 skipped
+        runs.append([np.asarray(p) for p in jax.tree.leaves(nnx.state(module, nnx.Param))])
+    assert all(np.array_equal(a, b) for a, b in zip(*runs, strict=True))

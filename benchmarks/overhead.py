@@ -9,11 +9,12 @@ measured in the same process:
   (b) the same fed a shuffled NumPy batch each step (gathered and `device_put` per step).
 
 Each configuration runs a short and a long fit (or loop) from a fresh start; the steady state
-is (long - short) time over (long - short) steps, so compilation and start-up cancel. Repeats
+is (long - short) time over (long - short) steps, so start-up cancels (a persistent compilation
+cache makes every repeat after the first load its programs rather than compile them). Repeats
 interleave every configuration, and each keeps its best time (on a shared machine drift only
 adds time). One CPU device is configured.
 
-    python benchmarks/overhead.py [--repeats 3] [--short 2] [--long 5] [--only 64]
+    python benchmarks/overhead.py [--repeats 3] [--short 1] [--long 5] [--only 64]
 """
 
 from __future__ import annotations
@@ -37,9 +38,15 @@ from flax import nnx
 from meshfit import Engine, TrainModule
 from meshfit.callbacks import ProgressBar
 
+# Every fit builds its programs anew; with this cache a repeat loads them instead of compiling,
+# so the long and short runs cost the same start-up (a long run may need more dispatch sizes).
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="overhead-cache-"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
 WORKLOADS = {  # name: (layer sizes, batch size, rows)
-    "64-32-10": ((64, 32, 10), 32, 2048),
-    "784-256-256-10": ((784, 256, 256, 10), 64, 8192),
+    "64-32-10": ((64, 32, 10), 32, 32768),
+    "784-256-256-10": ((784, 256, 256, 10), 64, 16384),
     "784-1024-1024-10": ((784, 1024, 1024, 10), 256, 8192),
 }
 
@@ -157,7 +164,7 @@ def measure(name, repeats, short, long, root):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3, help="best of N per configuration")
-    parser.add_argument("--short", type=int, default=2, help="epochs of the short runs")
+    parser.add_argument("--short", type=int, default=1, help="epochs of the short runs")
     parser.add_argument("--long", type=int, default=5, help="epochs of the long runs")
     parser.add_argument("--only", default=None, help="workloads whose name starts with this")
     args = parser.parse_args()

@@ -16,6 +16,8 @@ from meshfit.strategies.base import Strategy
 
 #: The most steps "auto" fuses into one dispatch (bounded anyway by the log cadence).
 AUTO_MAX = 128
+#: The one intermediate size for remainders of a large K.
+REMAINDER = 8
 
 
 def fusion_blockers(callbacks: Sequence[Callback]) -> list[str]:
@@ -29,12 +31,10 @@ def fusion_blockers(callbacks: Sequence[Callback]) -> list[str]:
 
 
 def dispatch_sizes(k_max: int) -> list[int]:
-    """The only K values ever compiled: k_max and the powers of two below it (a remainder is
-    dispatched as the largest of them that fits)."""
-    sizes, p = {k_max}, 1
-    while p < k_max:
-        sizes.add(p)
-        p *= 2
+    """The only K values ever compiled: k_max, 1, and 8 when k_max > 16 (a remainder runs as
+    the largest of them that fits). Each size is one more compile at fit start-up, which
+    dominates short fits (examples/digits.py), so there are few."""
+    sizes = {k_max, 1} | ({REMAINDER} if k_max > 2 * REMAINDER else set())
     return sorted(sizes, reverse=True)
 
 

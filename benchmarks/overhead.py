@@ -1,27 +1,27 @@
-"""meshfit `fit` vs a hand-written `jax.jit` loop: steady-state steps/s, printed as a ratio.
+"""meshfit `fit` vs hand-written `jax.jit` loops: steady-state optimizer steps/s, as ratios.
 
-Both train the same MLP with the same optimizer on the same NumPy data fed from the host (a
-per-epoch permutation, rows gathered and transferred every step); the baseline is a pure
-jitted step with the state donated. meshfit runs with its default callbacks (progress bar,
-TensorBoard logger, NaN guard). One device is configured, as single-device speed should be
-measured.
+Whole `fit` calls over several epochs of shuffled NumPy data (meshfit's normal path, default
+callbacks on: progress bar to a file, TensorBoard, NaN guard) against two hand-written loops
+measured in the same process:
 
-This machine's speed drifts by 10-30% over seconds, more than the difference being measured,
-so the two loops alternate within one run: every `--segment` steps of the meshfit fit, a
-callback waits for the device, then runs the same number of hand-written steps (compiled
-beforehand) and restarts meshfit's clock. Each printed rate is total steps / total time over
-all segments; the ratio is the median of the segments' paired ratios.
+  (a) the limit: pure `jax.jit`, donated state, every batch already on the device, one step
+      per call;
+  (b) the same fed a shuffled NumPy batch each step (gathered and `device_put` per step).
 
-    python benchmarks/overhead.py [--segments 60]
+Each configuration runs a short and a long fit (or loop) from a fresh start; the steady state
+is (long - short) time over (long - short) steps, so start-up cancels (a persistent compilation
+cache makes every repeat after the first load its programs rather than compile them). Repeats
+interleave every configuration, and each keeps its best time (on a shared machine drift only
+adds time). One CPU device is configured.
+
+    python benchmarks/overhead.py [--repeats 3] [--short 1] [--long 5] [--only 64]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import os
-import statistics
 import tempfile
 import time
 
@@ -36,7 +36,19 @@ import optax
 from flax import nnx
 
 from meshfit import Engine, TrainModule
-from meshfit.callbacks import Callback
+from meshfit.callbacks import ProgressBar
+
+# Every fit builds its programs anew; with this cache a repeat loads them instead of compiling,
+# so the long and short runs cost the same start-up (a long run may need more dispatch sizes).
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="overhead-cache-"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+WORKLOADS = {  # name: (layer sizes, batch size, rows)
+    "64-32-10": ((64, 32, 10), 32, 32768),
+    "784-256-256-10": ((784, 256, 256, 10), 64, 16384),
+    "784-1024-1024-10": ((784, 1024, 1024, 10), 256, 8192),
+}
 
 
 class MLP(TrainModule):
@@ -56,111 +68,118 @@ class MLP(TrainModule):
         return optax.adam(1e-3)
 
 
-def data(n=8192, features=784, classes=10):
+def make_data(sizes, rows):
     rng = np.random.default_rng(0)
-    return rng.normal(size=(n, features)).astype(np.float32), rng.integers(0, classes, n).astype(
-        np.int32
-    )
+    x = rng.normal(size=(rows, sizes[0])).astype(np.float32)
+    return x, rng.integers(0, sizes[-1], rows).astype(np.int32)
 
 
-class HandWritten:
-    """The baseline: split once, pure step, jit with donation, host-fed batches."""
+def hand_written_step(sizes):
+    """(jitted donated step, params, opt_state) for the same model and optimizer."""
+    module = MLP(sizes, nnx.Rngs(0))
+    tx = module.configure_optimizers()
+    graphdef, params = nnx.split(module, nnx.Param)
 
-    def __init__(self, sizes, batch_size):
-        module = MLP(sizes, nnx.Rngs(0))
-        tx = module.configure_optimizers()
-        graphdef, params = nnx.split(module, nnx.Param)
+    def step(params, opt_state, x, y):
+        def loss_fn(p):
+            logits = nnx.merge(graphdef, p)(x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-        def step(params, opt_state, x, y):
-            def loss_fn(p):
-                m = nnx.merge(graphdef, p)
-                return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
 
-            loss, grads = jax.value_and_grad(loss_fn)(params)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, loss
+    return jax.jit(step, donate_argnums=(0, 1)), params, tx.init(params)
 
-        self.step = jax.jit(step, donate_argnums=(0, 1))
-        self.params, self.opt_state = params, tx.init(params)
-        self.batches = self._batches(*data(), batch_size)
-        self.run(3)  # compile + warm up
 
-    @staticmethod
-    def _batches(x, y, batch_size):
-        for epoch in itertools.count():
-            order = np.random.default_rng([0, epoch]).permutation(len(x))
-            for i in range(len(x) // batch_size):
-                idx = order[i * batch_size : (i + 1) * batch_size]
-                yield jax.device_put(x[idx]), jax.device_put(y[idx])
+def orders(rows, batch, epochs):
+    for epoch in range(epochs):
+        order = np.random.default_rng([0, epoch]).permutation(rows)
+        for i in range(rows // batch):
+            yield order[i * batch : (i + 1) * batch]
 
-    def run(self, steps):
-        """`steps` steps from an idle device to their end; returns the elapsed seconds."""
+
+def run_limit(sizes, batch, data, epochs):
+    """(a): every batch placed before the clock starts; one jitted step per call."""
+    x, y = data
+    placed = [jax.device_put((x[i], y[i])) for i in orders(len(x), batch, epochs)]
+    jax.block_until_ready(placed)
+    step, params, opt = hand_written_step(sizes)
+    start = time.perf_counter()
+    for xb, yb in placed:
+        params, opt, loss = step(params, opt, xb, yb)
+    jax.block_until_ready((params, loss))
+    return time.perf_counter() - start
+
+
+def run_fed(sizes, batch, data, epochs):
+    """(b): a shuffled NumPy batch gathered and transferred each step."""
+    x, y = data
+    step, params, opt = hand_written_step(sizes)
+    start = time.perf_counter()
+    for i in orders(len(x), batch, epochs):
+        params, opt, loss = step(params, opt, jax.device_put(x[i]), jax.device_put(y[i]))
+    jax.block_until_ready((params, loss))
+    return time.perf_counter() - start
+
+
+def run_meshfit(sizes, batch, data, epochs, spd, root):
+    """A whole `fit` with the default callbacks (the progress bar writes to a file)."""
+    with open(os.path.join(root, "progress.txt"), "w") as bar_file:
+        engine = Engine(
+            strategy="single",
+            max_epochs=epochs,
+            batch_size=batch,
+            steps_per_dispatch=spd,
+            callbacks=[ProgressBar(file=bar_file)],
+            default_root_dir=root,
+            enable_model_summary=False,
+        )
         start = time.perf_counter()
-        for _ in range(steps):
-            xb, yb = next(self.batches)
-            self.params, self.opt_state, loss = self.step(self.params, self.opt_state, xb, yb)
-        jax.block_until_ready((self.params, loss))
+        engine.fit(MLP(sizes, nnx.Rngs(0)), data)
         return time.perf_counter() - start
 
 
-class Alternate(Callback):
-    """Every `segment` steps (after `warmup`): wait for meshfit's steps, record their time, run
-    `segment` baseline steps, restart meshfit's clock. The fit's own work stays untouched."""
-
-    def __init__(self, baseline, segment, warmup):
-        self.baseline, self.segment, self.warmup = baseline, segment, warmup
-        self.ours, self.theirs = [], []  # seconds per segment
-        self.start = None
-
-    def on_train_batch_end(self, engine, outputs, batch, batch_idx):
-        done = engine.global_step - self.warmup
-        if done < 0 or done % self.segment:
-            return
-        jax.block_until_ready(outputs)  # every step so far has finished
-        end = time.perf_counter()
-        took = self.baseline.run(self.segment)
-        if self.start is not None:  # the first baseline segment only warms up (cold caches)
-            self.ours.append(end - self.start)
-            self.theirs.append(took)
-        self.start = time.perf_counter()
+RUNNERS = {
+    "limit (a)": lambda s, b, d, e, root: run_limit(s, b, d, e),
+    "fed (b)": lambda s, b, d, e, root: run_fed(s, b, d, e),
+    "meshfit spd=1": lambda s, b, d, e, root: run_meshfit(s, b, d, e, 1, root),
+    "meshfit auto": lambda s, b, d, e, root: run_meshfit(s, b, d, e, "auto", root),
+}
 
 
-def compare(sizes, batch_size, segment, segments, root, warmup=20, **engine_kwargs):
-    """(hand-written steps/s, meshfit steps/s, median paired ratio) over `segments` pairs."""
-    alternate = Alternate(HandWritten(sizes, batch_size), segment, warmup)
-    engine = Engine(
-        strategy="single",
-        max_steps=warmup + segment * segments,
-        batch_size=batch_size,
-        callbacks=[alternate],
-        default_root_dir=root,
-        **engine_kwargs,
-    )
-    # keep the progress bar on, but off the terminal
-    with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
-        engine.fit(MLP(sizes, nnx.Rngs(0)), data())
-    ours, theirs = alternate.ours, alternate.theirs
-    ratios = [t / o for o, t in zip(ours, theirs, strict=True)]
-    n = segment * len(ours)
-    return n / sum(theirs), n / sum(ours), statistics.median(ratios)
+def measure(name, repeats, short, long, root):
+    """Steady-state steps/s per runner: best-of-N long minus best-of-N short."""
+    sizes, batch, rows = WORKLOADS[name]
+    data = make_data(sizes, rows)
+    best = {(r, e): float("inf") for r in RUNNERS for e in (short, long)}
+    for _ in range(repeats):  # interleaved: every runner and length in each round
+        for (runner, epochs), _t in best.items():
+            took = RUNNERS[runner](sizes, batch, data, epochs, root)
+            best[runner, epochs] = min(best[runner, epochs], took)
+    steps = (long - short) * (rows // batch)
+    return {r: steps / max(best[r, long] - best[r, short], 1e-9) for r in RUNNERS}
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--segments", type=int, default=60, help="alternations per case")
+    parser.add_argument("--repeats", type=int, default=3, help="best of N per configuration")
+    parser.add_argument("--short", type=int, default=1, help="epochs of the short runs")
+    parser.add_argument("--long", type=int, default=5, help="epochs of the long runs")
+    parser.add_argument("--only", default=None, help="workloads whose name starts with this")
     args = parser.parse_args()
-    print(f"jax {jax.__version__}, {jax.devices()[0].platform} x {jax.device_count()}")
-    # segments: multiples of log_every_n_steps (50), so each holds the same metric reads
-    cases = (((784, 256, 256, 10), 64, 200), ((784, 1024, 1024, 10), 256, 50))
     with tempfile.TemporaryDirectory() as root:
-        for sizes, batch_size, segment in cases:
-            b, m, ratio = compare(sizes, batch_size, segment, args.segments, root)
-            name = "-".join(map(str, sizes))
+        for name in WORKLOADS:
+            if args.only and not name.startswith(args.only):
+                continue
+            rates = measure(name, args.repeats, args.short, args.long, root)
+            a, b = rates["limit (a)"], rates["fed (b)"]
             print(
-                f"MLP {name} batch {batch_size}: hand-written {b:8.1f} steps/s | "
-                f"meshfit {m:8.1f} steps/s | ratio {ratio:.3f} "
-                f"(median of {args.segments} alternating {segment}-step segments)"
+                f"MLP {name} batch {WORKLOADS[name][1]}: limit (a) {a:.0f} steps/s, fed (b) {b:.0f}"
             )
+            for runner in ("meshfit spd=1", "meshfit auto"):
+                r = rates[runner]
+                print(f"  {runner:14s} {r:8.0f} steps/s   / (a) {r / a:.2f}   / (b) {r / b:.2f}")
 
 
 if __name__ == "__main__":

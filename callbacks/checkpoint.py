@@ -55,6 +55,13 @@ class ModelCheckpoint(Callback):
 
     run_last = True  # saves after the other callbacks updated their state for this step
 
+    fusion_safe = True  # its batch hooks are right when replayed after a fused dispatch
+
+    def next_host_step(self, engine: Engine) -> int | None:
+        """A dispatch ends at every `every_n_steps` save (the save sees that step's state)."""
+        every = self.every_n_steps
+        return None if not every else (engine.global_step // every + 1) * every
+
     def __init__(
         self,
         dirpath: str | os.PathLike | None = None,

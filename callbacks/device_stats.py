@@ -31,6 +31,8 @@ class DeviceStatsMonitor(Callback):
     warning says so once, at the start of fit.
     """
 
+    fusion_safe = True  # its batch hooks are right when replayed after a fused dispatch
+
     def __init__(self) -> None:
         self.last: dict[str, float] = {}
 

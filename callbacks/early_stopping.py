@@ -21,6 +21,8 @@ class EarlyStopping(Callback):
     takes the same decision: in multi-process runs all processes stop at the same step.
     """
 
+    fusion_safe = True  # its batch hooks are right when replayed after a fused dispatch
+
     def __init__(self, monitor: str, patience: int = 3, mode: str = "min", min_delta: float = 0.0):
         if not isinstance(monitor, str) or not monitor:
             raise ValueError(f"EarlyStopping(monitor={monitor!r}): name a logged metric.")

@@ -39,6 +39,8 @@ class LearningRateMonitor(Callback):
     After `k` updates both give `schedule(k - 1)`: the rate the k-th update used.
     """
 
+    fusion_safe = True  # its batch hooks are right when replayed after a fused dispatch
+
     def __init__(self, schedule: Callable[[int], Any] | None = None, name: str = "lr"):
         if schedule is not None and not callable(schedule):
             raise TypeError(

@@ -46,6 +46,16 @@ class Profiler(Callback):
         summary: print the host timing summary at the end of fit.
     """
 
+    fusion_safe = True  # its batch hooks are right when replayed after a fused dispatch
+
+    def next_host_step(self, engine: Engine) -> int | None:
+        """A dispatch ends where the window starts; inside it, one step per dispatch (each
+        traced step has its own annotation)."""
+        g = engine.global_step
+        if g < self.start_step:
+            return self.start_step
+        return g + 1 if g < self.end_step else None
+
     def __init__(
         self,
         start_step: int = 10,

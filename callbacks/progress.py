@@ -23,6 +23,8 @@ class ProgressBar(Callback):
     The bar appears with the first step, so everything printed at fit start (the hardware
     line, the model summary, a logger's banner) comes before it rather than through it."""
 
+    fusion_safe = True  # its batch hooks are right when replayed after a fused dispatch
+
     def __init__(self, refresh_rate: float = 0.2, leave: bool = True, file: Any = None):
         self.refresh_rate, self.leave, self.file = refresh_rate, leave, file
         self.bar: tqdm | None = None

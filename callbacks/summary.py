@@ -81,6 +81,9 @@ def summarize(engine: Any, max_rows: int = 40) -> str:
         f"compiled step: {format_bytes(memory)} per device, "
         f"{'unknown' if flops is None else f'{flops:.3g}'} FLOPs per step"
     )
+    if engine.dispatch_summary:
+        data = "on the device" if engine.data_on_device_active else "fed from the host"
+        lines.append(f"dispatch: {engine.dispatch_summary}; training data {data}")
     return "\n".join(lines)
 
 

@@ -23,6 +23,9 @@ class TensorBoardLogger(Logger):
     and tells TensorBoard to hide what it had logged after the checkpoint (`purge_step`).
     """
 
+    fusion_safe = True  # its batch hooks are right when replayed after a fused dispatch
+    epoch_end_reads_metrics = False  # its epoch end only writes what was logged already
+
     def __init__(self, save_dir: str | None = None, flush_secs: int = 30):
         super().__init__()
         self.save_dir, self.flush_secs = save_dir, flush_secs

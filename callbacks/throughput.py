@@ -66,6 +66,8 @@ class Throughput(Callback):
     time is left out. The metrics go through `engine.log_metrics` (TensorBoard, progress bar).
     """
 
+    fusion_safe = True  # its batch hooks are right when replayed after a fused dispatch
+
     def __init__(self, flops_per_step: float | None = None, peak_flops: float | None = None):
         for name, value in (("flops_per_step", flops_per_step), ("peak_flops", peak_flops)):
             if value is not None and not (isinstance(value, int | float) and value > 0):

@@ -50,6 +50,8 @@ class EngineConfig:
     enable_model_summary: bool = True
     data_workers: int = 0
     num_sanity_val_steps: int = 2
+    steps_per_dispatch: int | str = "auto"
+    data_on_device: bool | str = "auto"
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -95,6 +97,17 @@ class EngineConfig:
             raise ValueError(
                 f"data_workers must be an integer >= 0 (0: read in this process), got "
                 f"{self.data_workers!r}."
+            )
+        spd = self.steps_per_dispatch
+        if spd != "auto" and (isinstance(spd, bool) or not isinstance(spd, int) or spd < 1):
+            raise ValueError(
+                f"steps_per_dispatch={spd!r}: use 'auto' (as many steps per compiled call as "
+                "the cadences allow) or a positive integer (1: one step per dispatch)."
+            )
+        if self.data_on_device not in ("auto", True, False):
+            raise ValueError(
+                f"data_on_device={self.data_on_device!r}: use 'auto' (NumPy training data "
+                "within the budget goes to the device once), True or False."
             )
         for cb in self.callbacks:
             if not isinstance(cb, Callback):

@@ -69,6 +69,14 @@ class Engine:
         num_sanity_val_steps: validation batches run before the first training step (when
             there is validation data), so a broken `validation_step` fails in seconds; not
             logged; 0 turns it off.
+        steps_per_dispatch: optimizer steps fused into one compiled call (`lax.scan`). "auto":
+            as many as possible without passing a step the host must see (log, validation,
+            checkpoint and profiler cadences, max_steps, the epoch's end); 1 if a callback
+            overrides the batch hooks without declaring `fusion_safe`. Bitwise equal to 1.
+        data_on_device: keep NumPy training data on the device (transferred once, each
+            epoch's permutation applied on the device). "auto": when it fits the budget (a
+            quarter of the device memory where `memory_stats()` reports it, 1 GiB on CPU),
+            single-process, without gradient accumulation; True insists (or errors).
     """
 
     def __init__(
@@ -93,6 +101,8 @@ class Engine:
         enable_model_summary: bool = True,
         data_workers: int = 0,
         num_sanity_val_steps: int = 2,
+        steps_per_dispatch: int | str = "auto",
+        data_on_device: bool | str = "auto",
     ):
         args = {name: value for name, value in locals().items() if name != "self"}
         self.config = EngineConfig(**args)  # every argument, checked before anything compiles
@@ -158,6 +168,17 @@ class Engine:
     def layout(self) -> Any:
         """The strategy's answer for this run's state (shardings, parameter specs)."""
         return getattr(self.run, "layout", None)
+
+    @property
+    def dispatch_summary(self) -> str | None:
+        """How many steps a dispatch fuses in this fit, and which callback forced 1 if any."""
+        planner = getattr(self.run, "planner", None)
+        return None if planner is None else planner.describe()
+
+    @property
+    def data_on_device_active(self) -> bool:
+        """Whether this fit keeps its training data on the device."""
+        return getattr(self.run, "device_data", None) is not None
 
     @property
     def compiled_step(self) -> Any:

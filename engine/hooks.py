@@ -60,7 +60,26 @@ class Callback:
     Hooks run between steps in Python. They must not read device values (which waits for the
     device) except at their own cadence: `outputs` in `on_train_batch_end` are device arrays.
     Only the hooks a callback overrides are called.
+
+    Fused dispatch (`Engine(steps_per_dispatch=...)`) runs several steps in one compiled call.
+    A callback that overrides `on_train_batch_start`/`on_train_batch_end` must set
+    `fusion_safe = True` to allow it (otherwise the run uses one step per dispatch): its batch
+    hooks then run for each step of a dispatch (the start hooks before it, the end hooks after
+    it) with `engine.global_step`/`batch_idx` of that step, that step's `outputs`, and `batch`
+    as that step's shapes (`jax.ShapeDtypeStruct`s). `next_host_step` names the next step at
+    which the callback must see the live state (a dispatch then ends exactly there).
     """
+
+    #: The batch hooks are correct when called after a fused dispatch (see above).
+    fusion_safe: bool = False
+    #: An `on_train_epoch_end` override reads the epoch's metrics (the engine then logs the
+    #: training window at each epoch's end, which waits for the device); False if it does not.
+    epoch_end_reads_metrics: bool = True
+
+    def next_host_step(self, engine: Engine) -> int | None:
+        """The next global step (> engine.global_step) after which this callback must see the
+        state, or None (no such need beyond the log/validation/checkpoint cadences)."""
+        return None
 
     def setup(self, engine: Engine) -> None: ...
     def on_fit_start(self, engine: Engine) -> None: ...

@@ -24,14 +24,18 @@ from meshfit.engine.data import make_loader
 from meshfit.engine.data.checks import check_same_structure, example_rows
 from meshfit.engine.data.resume import data_state, restore_data_state
 from meshfit.engine.hardware import hardware_report
+from meshfit.engine.hooks import overridden_hooks
 from meshfit.engine.module import MetricMeta
 from meshfit.engine.processes import distributed
+from meshfit.engine.run.device_metrics import DeviceMetrics
+from meshfit.engine.run.dispatch import DispatchPlanner, StepOutputs, replay
 from meshfit.engine.run.evaluate import EvalRun
+from meshfit.engine.run.feed import TrainFeed
 from meshfit.engine.run.inflight import InFlight, in_flight_limit
-from meshfit.engine.run.metrics import MetricWindow
 from meshfit.engine.run.sanity import sanity_check
 from meshfit.engine.state import LiveState, TrainState
-from meshfit.engine.step.build import jit_train_step
+from meshfit.engine.step.build import leaves_train_step
+from meshfit.engine.step.fused import COUNT, FusedStep
 from meshfit.engine.step.plan import ModuleOrFactory, StatePlan, build_state
 from meshfit.engine.trees import tree_bytes
 
@@ -57,19 +61,32 @@ class FitRun(EvalRun):
         self.train_loader = self._loader(train_data, "train_data", train=True)
         self.val_loader = None if val_data is None else self._loader(val_data, "val_data")
         engine.num_training_batches = _length(self.train_loader)
-        self.train_meta: dict[str, MetricMeta] = {}  # filled while the step is traced
-        self.window = MetricWindow(self.train_meta)
-        if found is not None:  # before the first batch is read: reading starts where it stopped
-            self.restore(found)
+        # restored before the first batch is read, so reading starts where the run stopped
+        meta = self.restore(found) if found is not None else {}
         self.batch_example = self._example_batch()
         if self.val_loader is not None:
             check_same_structure(example_rows(self.batch_example), self.val_loader.row_spec())
         self.in_flight_limit = in_flight_limit(
             config.max_in_flight, strategy.mesh, config.log_every_n_steps, self.batch_bytes
         )
-        self.train_step = jit_train_step(
-            plan, strategy, engine.transforms, self.train_meta, config.precision, self.batch_example
+        self.train_meta: dict[str, MetricMeta] = {}  # filled while the step is traced
+        step = leaves_train_step(
+            plan, strategy, engine.transforms, self.train_meta, config.precision
         )
+        self.feed = TrainFeed(engine, self.train_loader, self.placer)
+        self.device_data = self.feed.device_data
+        if self.device_data is not None:  # the step gathers its rows on the device
+            self.batch_example = self.device_data.step_shapes()
+        self.fused = FusedStep(
+            step,
+            self.train_meta,
+            strategy,
+            jax.tree.structure(plan.abstract).flatten_up_to(plan.shardings),
+            rows=None if self.device_data is None else self.device_data.rows,
+        )
+        names = jax.eval_shape(step, self.live.leaves, self.batch_example)[1]
+        self.window = DeviceMetrics(self.train_meta, names, strategy.replicated())
+        self.window.load_state_dict(meta.get("metric_window") or {})  # the unlogged steps
         self.module = (
             module
             if isinstance(module, nnx.Module)
@@ -77,6 +94,20 @@ class FitRun(EvalRun):
         )
         self.compiled_step: Any = None
         self.preemption = PreemptionWatcher()
+        self.epoch_end_reads = any(  # a callback reads the metrics at each epoch's end
+            "on_train_epoch_end" in overridden_hooks(cb)
+            and getattr(cb, "epoch_end_reads_metrics", True)
+            for cb in engine.callbacks
+        )
+        every = config.val_every_n_steps if self.val_loader is not None else None
+        multi = distributed.process_count() > 1
+        self.planner = DispatchPlanner(
+            config.steps_per_dispatch,
+            engine,
+            engine.callbacks,
+            val_every=every,
+            preemption_every=self.preemption.sync_every if multi else None,
+        )
 
     def _loader(self, data: Any, name: str, train: bool = False) -> Any:
         """Training loaders shuffle and drop the last partial batch."""
@@ -140,9 +171,10 @@ class FitRun(EvalRun):
         )
         return state, meta
 
-    def restore(self, found: tuple[str, int]) -> None:
-        """Load a checkpoint: the state (resharded onto this run's layout), the data position,
-        the callback states, the latest metrics and the unlogged metric window."""
+    def restore(self, found: tuple[str, int]) -> dict[str, Any]:
+        """Load a checkpoint: the state (resharded onto this run's layout), the data position
+        and the loader's state, the callback states, the latest metrics. Returns its meta (the
+        unlogged metric window is loaded once the window exists)."""
         state, meta = restore_state(found, self.state)
         self.live.replace(state)
         engine = self.engine
@@ -154,8 +186,8 @@ class FitRun(EvalRun):
         for cb in engine.callbacks:
             if cb.state_key in states:
                 cb.load_state_dict(states[cb.state_key])
-        self.window.load_state_dict(meta.get("metric_window") or {})
         restore_data_state(self.train_loader, meta)  # this process's data-iterator state
+        return meta
 
     def checkpoint_and_exit(self) -> None:
         """Preemption: save a complete checkpoint at this step boundary, then raise `Preempted`."""
@@ -178,9 +210,9 @@ class FitRun(EvalRun):
         engine = self.engine
         # Tracing, compiling and the loop all run under the mesh (it is part of the trace key).
         with jax.set_mesh(self.strategy.mesh):
-            self.compiled_step = self.train_step.lower(
-                self.live.leaves, self.batch_example
-            ).compile()
+            self.compiled_step = self.fused.compile(
+                1, self.live.leaves, self.window.acc, self.feed.abstract_xs(self.batch_example)
+            )
             if engine.is_global_zero:
                 print(hardware_report(engine.devices), flush=True)
             self.preemption.install()
@@ -204,58 +236,51 @@ class FitRun(EvalRun):
 
     def fit_loop(self) -> None:
         """Epochs of steps until max_epochs / max_steps / should_stop, from the data position:
-        one dispatch per step, metrics read at the log cadence, hooks in documented order."""
-        engine, config, hooks, live, window = (
-            self.engine,
-            self.config,
-            self.hooks,
-            self.live,
-            self.window,
-        )
+        each dispatch fuses as many steps as `DispatchPlanner` allows, metrics accumulate on
+        the device and are read at the log cadence, hooks run in documented order."""
+        engine, hooks, live, window = self.engine, self.hooks, self.live, self.window
         in_flight = InFlight(self.in_flight_limit)
-        batch_hooks = hooks.has("on_train_batch_start", "on_train_batch_end")
-        step, timings = self.train_step, engine.timings
-        log_every, val_every = config.log_every_n_steps, config.val_every_n_steps
+        start_hooks = hooks.has("on_train_batch_start")
+        end_hooks = hooks.has("on_train_batch_end")
+        log_every, val_every = self.config.log_every_n_steps, self.config.val_every_n_steps
         validate_mid_epoch = self.val_loader is not None and val_every
+        timings, n = engine.timings, engine.num_training_batches
         timings.start()  # phases: waiting for data until the step is dispatched
         while not self.finished():
             hooks("on_train_epoch_start")
-            position, self.first_batches = self.first_batches, None
-            if position and position[:2] == (engine.current_epoch, engine.batch_idx):
-                batches = position[2]
-            else:
-                batches = self.train_loader.epoch(
-                    engine.current_epoch, engine.batch_idx, self.placer.rows_for
-                )
+            take = self.feed.epoch(engine, self.first_batches)
+            self.first_batches = None
             exhausted, epoch_start = True, engine.batch_idx
-            on_device = self.placer.prefetch(batches)
-            for batch, _rows in on_device:
-                if batch_hooks:
-                    hooks("on_train_batch_start", batch, engine.batch_idx)
-                timings.begin_step()
-                leaves, outputs = step(live.leaves, batch)
+            while True:
+                k = self.planner.next_k(engine, None if n is None else n - engine.batch_idx)
+                xs, k, shapes = take(k) if k else (None, 0, None)
+                if not k:
+                    break
+                g0, b0 = engine.global_step, engine.batch_idx
+                if start_hooks:
+                    replay(hooks, engine, "on_train_batch_start", g0, b0, k, shapes)
+                timings.begin_step(k)
+                leaves, acc, per_step = self.fused(k, live.leaves, window.acc, xs)
                 live.advance(leaves)
-                with timings.phase("data"):
-                    on_device.refill()  # the next batch's transfer overlaps this step
-                window.add(outputs)
-                in_flight.add(outputs)
-                window.settle()  # read the steps already finished, while the device runs on
+                window.update(acc, k)
+                in_flight.add(per_step, k)
                 timings.switch("data")
-                engine.global_step += 1
-                engine.batch_idx += 1
+                if end_hooks and k > 1:
+                    replay(hooks, engine, "on_train_batch_end", g0, b0, k - 1, shapes, per_step)
+                engine.global_step, engine.batch_idx = g0 + k, b0 + k
                 if engine.global_step % log_every == 0:
                     self.log_window()
-                if batch_hooks:
-                    hooks("on_train_batch_end", outputs, batch, engine.batch_idx - 1)
+                if end_hooks:
+                    hooks("on_train_batch_end", StepOutputs(per_step, k - 1), shapes, b0 + k - 1)
                 if validate_mid_epoch and engine.global_step % val_every == 0:
                     self.validation_pass(self.val_loader)
                 if self.preemption.requested(engine.global_step):
                     self.checkpoint_and_exit()  # saves, then raises Preempted (exit 75)
                 if engine.should_stop or self.reached_max_steps():
-                    n = engine.num_training_batches
                     exhausted = n is not None and engine.batch_idx >= n
                     break
             self.end_epoch(exhausted, epoch_start)
+        self.log_window()  # the steps since the last log
         with timings.phase("step"):
             jax.block_until_ready(live.leaves)
         timings.stop()
@@ -270,8 +295,9 @@ class FitRun(EvalRun):
                 "iterator is exhausted after one epoch: pass a re-iterable (a list, or an "
                 "object whose __iter__ starts over) or stop with max_steps."
             )
-        self.log_window()
         validate_at_end = self.val_loader is not None and self.config.val_every_n_steps is None
+        if validate_at_end or (exhausted and self.epoch_end_reads):
+            self.log_window()  # waits for the device: only when something reads the values
         if validate_at_end:  # at the epoch's end, or stopped mid-epoch: still report it
             self.validation_pass(self.val_loader)
         if exhausted:
@@ -297,10 +323,7 @@ class FitRun(EvalRun):
 
     def train_metric_names(self) -> set[str]:
         """Metrics the compiled train step returns (logged every `log_every_n_steps`)."""
-        names = set(self.train_meta)
-        if self.compiled_step is not None:
-            names |= set(self.compiled_step.out_info[1])
-        return names
+        return set(self.train_meta) | (set(self.window.acc) - {COUNT})
 
 
 def resolve_checkpoint(engine: Any, ckpt_path: str | os.PathLike) -> tuple[str, int] | None:

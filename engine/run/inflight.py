@@ -31,9 +31,14 @@ class InFlight:
     the oldest (bounds memory, and avoids the XLA:CPU collective stall of long queues)."""
 
     def __init__(self, limit: int):
-        self.limit, self.queue = limit, collections.deque()
+        self.limit, self.queue, self.queued = limit, collections.deque(), 0
 
-    def add(self, outputs: Any) -> None:
-        self.queue.append(outputs)
-        if len(self.queue) > self.limit:
-            jax.block_until_ready(self.queue.popleft())
+    def add(self, outputs: Any, steps: int = 1) -> None:
+        """Queue a dispatch of `steps` steps (a fused one counts each of its steps); past the
+        limit, wait for the oldest dispatches (never the newest)."""
+        self.queue.append((outputs, steps))
+        self.queued += steps
+        while self.queued > self.limit and len(self.queue) > 1:
+            oldest, n = self.queue.popleft()
+            self.queued -= n
+            jax.block_until_ready(oldest)

@@ -39,10 +39,10 @@ class PhaseTimer:
         """Close the current phase; later `switch`/`phase` calls are no-ops until `start`."""
         self.switch(None)
 
-    def begin_step(self) -> None:
-        """Enter the "step" phase for one more training step."""
+    def begin_step(self, steps: int = 1) -> None:
+        """Enter the "step" phase for `steps` more training steps (one dispatch)."""
         if self._current is not None:
-            self.steps += 1
+            self.steps += steps
             self.switch("step")
 
     @property

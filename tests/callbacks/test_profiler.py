@@ -47,7 +47,7 @@ def test_trace_holds_exactly_the_requested_window(capsys):
     events = xplane_events(files[0])
     windows = sorted((s, a, b) for name, s, a, b, _ in events if name == "train")
     assert [s for s, _, _ in windows] == [5, 6, 7]
-    dispatches = [(a, b) for name, _, a, b, _ in events if name == "PjitFunction(train_step)"]
+    dispatches = [(a, b) for name, _, a, b, _ in events if name == "PjitFunction(fused_train_step)"]
     assert dispatches, "the train step's dispatch should be in the trace"
     # every traced dispatch of the train step lies inside one of the three step annotations,
     # and each annotation holds some: nothing outside the window was traced

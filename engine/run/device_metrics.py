@@ -1,0 +1,85 @@
+"""Training metrics accumulated on the device across dispatches, read once per log."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+from meshfit.engine.module import MetricMeta
+from meshfit.engine.step.fused import COUNT, empty_metrics
+
+
+class DeviceMetrics:
+    """The device-side accumulator of the steps since the last log (a small pytree the fused
+    dispatch carries and donates); `compute` is the one host read per log.
+
+    Each metric combines with its own reduction: "mean" (a float32 sum over the steps,
+    divided by their count on the host), "sum", "max", "min".
+    """
+
+    def __init__(self, meta: dict[str, MetricMeta], names: Any, replicated: Any):
+        self.meta, self.replicated = meta, replicated
+        host = jax.device_get(empty_metrics(meta, dict.fromkeys(names)))
+        self._empty = {k: np.asarray(v) for k, v in host.items()}
+        self.acc: dict[str, jax.Array] = self._fresh()
+        self.steps = 0  # host count of the steps in `acc` (never read from the device)
+
+    def _fresh(self, values: dict[str, Any] | None = None) -> dict[str, jax.Array]:
+        host = dict(self._empty)
+        for name, value in (values or {}).items():
+            if name in host:
+                host[name] = np.asarray(value, np.float32)
+        return jax.device_put(host, self.replicated)  # one transfer
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def update(self, acc: dict[str, jax.Array], steps: int) -> None:
+        """The accumulator a dispatch of `steps` steps returned (the old one was donated)."""
+        self.acc, self.steps = acc, self.steps + steps
+
+    def compute(self) -> dict[str, float]:
+        """The reduced metrics of the window (waits for the last dispatch), then start over."""
+        host = jax.device_get(self.acc)
+        self.acc, self.steps = self._fresh(), 0
+        return self._reduce(host)
+
+    def _reduce(self, host: dict[str, Any]) -> dict[str, float]:
+        count = float(host[COUNT])
+        out: dict[str, float] = {}
+        for name, value in host.items():
+            if name == COUNT:
+                continue
+            reduce = self.meta.get(name, MetricMeta()).reduce
+            v = float(value)
+            out[name] = v / count if reduce == "mean" else v
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """The unlogged window as exact float32 values (waits for the device): a resumed run
+        continues the same sums, so its next log equals the uninterrupted run's."""
+        host = jax.device_get(self.acc)
+        return {"accumulated": {k: float(v) for k, v in host.items()}, "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "accumulated" in state:
+            self.acc, self.steps = self._fresh(state["accumulated"]), int(state["steps"])
+            return
+        # the per-step format of earlier checkpoints: fold its steps in, in order
+        values = {k: float(v) for k, v in jax.device_get(self.acc).items()}
+        for step in state.get("steps", []):
+            for name, v in step.items():
+                reduce = self.meta.get(name, MetricMeta()).reduce
+                old = values.get(name, 0.0)
+                if reduce in ("mean", "sum"):
+                    values[name] = float(np.float32(old) + np.float32(v))
+                elif math.isnan(v) or math.isnan(old):
+                    values[name] = math.nan
+                else:
+                    values[name] = (max if reduce == "max" else min)(old, v)
+            values[COUNT] = values.get(COUNT, 0.0) + 1.0
+            self.steps += 1
+        self.acc = self._fresh(values)

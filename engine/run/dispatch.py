@@ -1,0 +1,171 @@
+"""How many steps the next dispatch fuses, the host batches grouped per dispatch, and the
+per-step views fused batch hooks receive."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from meshfit.engine.data import HostBatch
+from meshfit.engine.hooks import Callback, overridden_hooks
+from meshfit.engine.step.fused import stacked_sharding
+from meshfit.strategies.base import Strategy
+
+#: The most steps "auto" fuses into one dispatch (bounded anyway by the log cadence).
+AUTO_MAX = 128
+#: The one intermediate size for remainders of a large K.
+REMAINDER = 8
+
+
+def fusion_blockers(callbacks: Sequence[Callback]) -> list[str]:
+    """Callbacks whose batch hooks need one dispatch per step (not declared `fusion_safe`)."""
+    batch = {"on_train_batch_start", "on_train_batch_end"}
+    return [
+        type(cb).__name__
+        for cb in callbacks
+        if batch & set(overridden_hooks(cb)) and not getattr(cb, "fusion_safe", False)
+    ]
+
+
+def dispatch_sizes(k_max: int) -> list[int]:
+    """The only K values ever compiled: k_max, 1, and 8 when k_max > 16 (a remainder runs as
+    the largest of them that fits). Each size is one more compile at fit start-up, which
+    dominates short fits (examples/digits.py), so there are few."""
+    sizes = {k_max, 1} | ({REMAINDER} if k_max > 2 * REMAINDER else set())
+    return sorted(sizes, reverse=True)
+
+
+class DispatchPlanner:
+    """The next dispatch's K: as large as allowed without passing a step the host must see
+    (log, validation, `max_steps`, the epoch's end, the multi-process preemption check, and
+    every callback's `next_host_step`)."""
+
+    def __init__(self, setting: int | str, engine: Any, callbacks: Sequence[Callback], **cadence):
+        config = engine.config
+        self.blockers = fusion_blockers(callbacks) if setting == "auto" else []
+        if setting == "auto":
+            k_max = 1 if self.blockers else min(config.log_every_n_steps, AUTO_MAX)
+        else:
+            k_max = int(setting)
+        self.k_max, self.setting = k_max, setting
+        self.sizes = dispatch_sizes(k_max)
+        self.callbacks = [cb for cb in callbacks if _declares_next_host_step(cb)]
+        self.every = [config.log_every_n_steps] + [v for v in cadence.values() if v]
+        self.max_steps = config.max_steps
+
+    def describe(self) -> str:
+        """One line for the model summary: K, and which callback forced K=1."""
+        if self.blockers:
+            return (
+                f"1 step per dispatch: {', '.join(self.blockers)} override(s) the batch hooks "
+                "without declaring fusion_safe"
+            )
+        return f"up to {self.k_max} steps per dispatch (steps_per_dispatch={self.setting!r})"
+
+    def next_k(self, engine: Any, left_in_epoch: int | None) -> int:
+        g = engine.global_step
+        limit = self.k_max if left_in_epoch is None else min(self.k_max, left_in_epoch)
+        for every in self.every:
+            limit = min(limit, every - g % every)
+        if self.max_steps is not None:
+            limit = min(limit, self.max_steps - g)
+        for cb in self.callbacks:
+            step = cb.next_host_step(engine)
+            if step is not None and step > g:
+                limit = min(limit, step - g)
+        return next((k for k in self.sizes if k <= limit), 0) if limit > 0 else 0
+
+
+def _declares_next_host_step(cb: Callback) -> bool:
+    return type(cb).next_host_step is not Callback.next_host_step
+
+
+class HostGroups:
+    """Up to K host batches of an epoch, stacked (leading axis K) and placed in one transfer."""
+
+    def __init__(self, batches: Iterator[HostBatch], strategy: Strategy):
+        self.source, self.strategy = iter(batches), strategy
+        self.held: HostBatch | None = None
+        self.multi = jax.process_count() > 1
+        self._shardings: dict[Any, list[Any]] = {}
+
+    def take(self, k: int) -> tuple[Any, int, Any]:
+        """(stacked device batch, how many steps, one step's shapes); 0 steps at the end."""
+        group: list[HostBatch] = []
+        while len(group) < k:
+            batch = self.held or next(self.source, None)
+            self.held = None
+            if batch is None:
+                break
+            if group and (batch.global_size, batch.sharded) != (
+                group[0].global_size,
+                group[0].sharded,
+            ):
+                self.held = batch  # another shape: the next dispatch starts with it
+                break
+            group.append(batch)
+        if not group:
+            return None, 0, None
+        first = group[0]
+        leaves, treedef = jax.tree.flatten(first.local)
+        if len(group) == 1:
+            stacked = [np.asarray(x)[None] for x in leaves]
+        else:
+            cols = zip(*(jax.tree.leaves(b.local) for b in group), strict=True)
+            stacked = [np.stack(c) for c in cols]
+        arrays = self._place(stacked, first, len(group))
+        shapes = jax.tree.unflatten(
+            treedef,
+            [jax.ShapeDtypeStruct((first.global_size, *np.shape(x)[1:]), x.dtype) for x in leaves],
+        )
+        return jax.tree.unflatten(treedef, arrays), len(group), shapes
+
+    def _place(self, stacked: list[np.ndarray], first: HostBatch, k: int) -> list[Any]:
+        key = (tuple(x.ndim for x in stacked), first.sharded)
+        shardings = self._shardings.get(key)
+        if shardings is None:
+            replicated = self.strategy.replicated()
+            shardings = self._shardings[key] = [
+                stacked_sharding(self.strategy, x.ndim) if first.sharded else replicated
+                for x in stacked
+            ]
+        if not self.multi:
+            return jax.device_put(stacked, shardings)  # one transfer for the whole dispatch
+        return [
+            jax.make_array_from_process_local_data(
+                s, x, (k, first.global_size, *x.shape[2:]) if x.ndim > 1 else x.shape
+            )
+            for s, x in zip(shardings, stacked, strict=True)
+        ]
+
+
+class StepOutputs(Mapping):
+    """Step `j`'s metrics out of a dispatch's stacked ones, sliced only when read."""
+
+    def __init__(self, stacked: dict[str, jax.Array], j: int):
+        self.stacked, self.j = stacked, j
+
+    def __getitem__(self, name: str) -> jax.Array:
+        return self.stacked[name][self.j]
+
+    def __iter__(self):
+        return iter(self.stacked)
+
+    def __len__(self) -> int:
+        return len(self.stacked)
+
+
+def replay(hooks: Any, engine: Any, hook: str, g0: int, b0: int, k: int, shapes, per_step=None):
+    """A batch hook for each of `k` steps of a dispatch from step `g0` / batch `b0`, with that
+    step's counters (and outputs, for the end hook); the counters are left as they were."""
+    end = hook == "on_train_batch_end"
+    for j in range(k):
+        engine.global_step, engine.batch_idx = g0 + j + end, b0 + j + end
+        if end:
+            hooks(hook, StepOutputs(per_step, j), shapes, b0 + j)
+        else:
+            hooks(hook, shapes, b0 + j)
+    engine.global_step, engine.batch_idx = g0, b0

@@ -1,0 +1,211 @@
+"""Fused dispatch (steps_per_dispatch) and data on the device: bitwise equal to one step per
+dispatch, same logged metrics, same hooks, few compiled sizes, clear errors."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from meshfit import Engine
+from meshfit.callbacks import Callback, ModelCheckpoint
+from meshfit.engine.run.dispatch import dispatch_sizes
+from meshfit.strategies import available_strategies
+from tests.models import MLP, classification_data, quiet
+
+STRATEGIES = ["single", "dp"] + (["fsdp"] if "fsdp" in available_strategies() else [])
+
+
+class Record(Callback):
+    """Every log (step, metrics) and every step's hook (step, batch_idx, loss)."""
+
+    fusion_safe = True
+
+    def __init__(self):
+        self.logs, self.steps = [], []
+
+    def on_log(self, engine, metrics):
+        self.logs.append((engine.global_step, dict(metrics)))
+
+    def on_train_batch_end(self, engine, outputs, batch, batch_idx):
+        self.steps.append((engine.global_step, batch_idx, outputs["loss"]))
+
+
+def fit(spd, strategy="single", data_on_device="auto", n=320, **kwargs):
+    x, y = classification_data(n=n)
+    record = Record()
+    kwargs = {"max_epochs": 2, "log_every_n_steps": 4, **kwargs}
+    callbacks, val = [record, *kwargs.pop("callbacks", [])], kwargs.pop("val", None)
+    engine = Engine(
+        strategy=strategy,
+        batch_size=32,
+        steps_per_dispatch=spd,
+        data_on_device=data_on_device,
+        callbacks=callbacks,
+        **quiet(**kwargs),
+    )
+    module = MLP(nnx.Rngs(0))
+    engine.fit(module, (x, y), val_data=val)
+    params = [np.asarray(p) for p in jax.tree.leaves(nnx.state(module, nnx.Param))]
+    steps = [(g, b, float(v)) for g, b, v in record.steps]
+    return engine, params, record.logs, steps
+
+
+def assert_same(a, b):
+    _, pa, la, sa = a
+    _, pb, lb, sb = b
+    assert all(np.array_equal(x, y) for x, y in zip(pa, pb, strict=True))
+    assert repr(la) == repr(lb) and repr(sa) == repr(sb)  # repr: nan equals nan
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_fused_equals_one_step_per_dispatch_bitwise(strategy):
+    one = fit(1, strategy, data_on_device=False)
+    auto = fit("auto", strategy)  # data on the device, K up to 4 (the log cadence)
+    assert auto[0].run.device_data is not None and one[0].run.device_data is None
+    assert auto[0].run.planner.k_max == 4 and one[0].run.fused.sizes == [1]
+    assert_same(one, auto)
+    assert [g for g, _ in auto[2]] == [4, 8, 12, 16, 20]  # no epoch-end read: nothing needs it
+
+
+def test_host_path_stacks_the_batches_of_a_dispatch_bitwise():
+    host = fit(3, data_on_device=False, max_steps=17, max_epochs=None)
+    device = fit(3, data_on_device=True, max_steps=17, max_epochs=None)
+    assert_same(host, device)
+    assert host[0].global_step == 17
+    assert_same(host, fit(1, data_on_device=False, max_steps=17, max_epochs=None))
+
+
+def test_only_a_few_sizes_compile_over_a_multi_epoch_fit():
+    compiles, per_epoch = [], []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, secs, **kw: compiles.append(name) if "backend_compile" in name else None
+    )
+
+    class Epochs(Callback):
+        epoch_end_reads_metrics = False
+
+        def on_train_epoch_end(self, engine):
+            per_epoch.append(len(compiles))
+
+    engine, *_ = fit("auto", max_epochs=5, log_every_n_steps=8, callbacks=[Epochs()])
+    fused = engine.run.fused
+    # 10 steps an epoch, logs every 8: the remainders 2, 6, 4, ... run one step at a time
+    assert fused.sizes == dispatch_sizes(8)[::-1] == [1, 8]
+    assert dispatch_sizes(50) == [50, 8, 1]
+    assert all(fn._cache_size() <= 1 for fn in fused.jitted.values())  # one compile each
+    assert per_epoch[1] == per_epoch[-1]  # nothing compiles after the second epoch
+
+
+def test_validation_and_checkpoint_cadences_hit_the_same_steps(tmp_path):
+    class Validations(Callback):
+        def __init__(self):
+            self.at = []
+
+        def on_validation_end(self, engine):
+            self.at.append(engine.global_step)
+
+    x, y = classification_data(n=64, seed=1)
+    runs = []
+    for spd in (1, "auto"):
+        v = Validations()
+        ckpt = ModelCheckpoint(dirpath=tmp_path / str(spd), every_n_steps=3, save_top_k=10)
+        out = fit(spd, val_every_n_steps=5, callbacks=[v, ckpt], val=(x, y), max_steps=13)
+        runs.append((out, v.at, sorted(p.name for p in (tmp_path / str(spd)).iterdir())))
+    (one, v1, c1), (auto, v2, c2) = runs
+    assert_same(one, auto)
+    assert v1 == v2 == [5, 10] and c1 == c2 and len(c1) >= 4
+
+
+def test_a_callback_not_declared_fusion_safe_forces_one_step_and_is_named():
+    class PerStep(Callback):
+        def on_train_batch_end(self, engine, outputs, batch, batch_idx): ...
+
+    engine, *_ = fit("auto", callbacks=[PerStep()], enable_model_summary=True)
+    assert engine.run.planner.k_max == 1 and engine.run.fused.sizes == [1]
+    summary = next(cb for cb in engine.callbacks if type(cb).__name__ == "ModelSummary")
+    assert "PerStep" in summary.text and "1 step per dispatch" in summary.text
+
+
+def test_nan_guard_names_the_exact_step_inside_a_dispatch():
+    x, y = classification_data(n=320)
+    x = x.copy()
+    x[7 * 32 + 3, 0] = np.nan  # row 7*32+3 of the unshuffled data ...
+    engine = Engine(strategy="single", max_epochs=1, batch_size=32, log_every_n_steps=10, **quiet())
+    order = np.random.default_rng([0, 0]).permutation(320)  # epoch 0's order, seed 0
+    bad_step = int(np.argmax(order == 7 * 32 + 3)) // 32  # ... lands in this step's batch
+    with pytest.raises(FloatingPointError, match=rf"global step {bad_step}: loss = nan"):
+        engine.fit(MLP(nnx.Rngs(0)), (x, y))
+    assert engine.run.planner.k_max == 10 and int(engine.state.step) == bad_step
+
+
+def test_resume_mid_epoch_inside_a_fused_run_is_bitwise(tmp_path):
+    ref = fit("auto", max_steps=14, max_epochs=None, log_every_n_steps=5)
+    ckpt = lambda: ModelCheckpoint(dirpath=tmp_path, every_n_steps=7, save_top_k=10)  # noqa: E731
+    fit("auto", max_steps=7, max_epochs=None, log_every_n_steps=5, callbacks=[ckpt()])
+    x, y = classification_data(n=320)
+    record = Record()
+    engine = Engine(
+        strategy="single",
+        max_steps=14,
+        batch_size=32,
+        log_every_n_steps=5,
+        callbacks=[record, ckpt()],
+        **quiet(),
+    )
+    module = MLP(nnx.Rngs(0))
+    engine.fit(module, (x, y), ckpt_path="last")
+    params = [np.asarray(p) for p in jax.tree.leaves(nnx.state(module, nnx.Param))]
+    assert all(np.array_equal(a, b) for a, b in zip(params, ref[1], strict=True))
+    assert record.logs == [g for g in ref[2] if g[0] > 7]  # the step-10 window spans the resume
+
+
+def test_bad_arguments_fail_before_anything_compiles():
+    with pytest.raises(ValueError, match="steps_per_dispatch=0"):
+        Engine(max_steps=1, steps_per_dispatch=0)
+    with pytest.raises(ValueError, match="data_on_device='yes'"):
+        Engine(max_steps=1, data_on_device="yes")
+    x, y = classification_data(n=64)
+    engine = Engine(max_steps=1, data_on_device=True, batch_size=32, **quiet())
+    with pytest.raises(ValueError, match="cannot keep train_data on the device"):
+        engine.fit(MLP(nnx.Rngs(0)), [(x[:32], y[:32])])
+
+
+def test_accumulation_and_clipping_run_per_optimizer_step_inside_a_dispatch():
+    from meshfit.callbacks import GradientAccumulation
+
+    runs = [
+        fit(
+            spd,
+            "dp",
+            callbacks=[GradientAccumulation(2)],
+            gradient_clip_val=0.1,
+            max_epochs=2,
+            n=288,  # 9 micro-batches an epoch: 5 steps, the last one short
+        )
+        for spd in (1, "auto")
+    ]
+    assert runs[1][0].run.device_data is None  # accumulation feeds stacked host windows
+    assert runs[1][0].run.fused.sizes != [1]
+    assert_same(*runs)
+
+
+def test_warn_mode_skips_only_the_bad_step_inside_a_dispatch():
+    x, y = classification_data(n=320)
+    x = x.copy()
+    x[[5, 200], 0] = np.nan
+    runs = []
+    for spd in (1, "auto"):
+        engine = Engine(
+            strategy="single",
+            max_epochs=1,
+            batch_size=32,
+            nan_guard="warn",
+            steps_per_dispatch=spd,
+            **quiet(),
+        )
+        module = MLP(nnx.Rngs(0))
+        with pytest.warns(RuntimeWarning, match=r"2 training step\(s\)"):
+            engine.fit(module, (x, y))
+        assert int(engine.state.step) == 8  # 10 steps, 2 skipped
+        runs.append([np.asarray(p) for p in jax.tree.leaves(nnx.state(module, nnx.Param))])
+    assert all(np.array_equal(a, b) for a, b in zip(*runs, strict=True))

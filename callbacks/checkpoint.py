@@ -6,9 +6,11 @@ import math
 import os
 from typing import TYPE_CHECKING, Any
 
+from meshfit.engine.checkpoint.clock import SYNC_EVERY_N_STEPS, SaveClock
 from meshfit.engine.checkpoint.find import default_dir
 from meshfit.engine.checkpoint.writer import CheckpointWriter
 from meshfit.engine.hooks import Callback
+from meshfit.engine.processes import distributed
 
 if TYPE_CHECKING:
     from meshfit.engine.engine import Engine
@@ -41,8 +43,14 @@ class ModelCheckpoint(Callback):
 
     Args:
         dirpath: where step directories go; default `<default_root_dir>/checkpoints`.
-        every_n_steps / every_n_epochs: save cadence. With neither: after every validation when
-            monitoring a validation metric, else at the end of every epoch.
+        every_n_steps / every_n_epochs / every_n_seconds: save cadence (one of them). With
+            none: after every validation when monitoring a validation metric, else at the end of
+            every epoch. `every_n_seconds` saves at the first step boundary after that much time
+            since the last save (with several processes: decided by process 0 and shared every
+            10 steps, so all save at the same step); with `monitor`, at the next step where the
+            metric is fresh.
+        keep_every_n_steps: also save at every multiple of this step count, and never delete
+            those checkpoints (permanent snapshots beside the top-k ones).
         monitor: a logged metric; keeps the best `save_top_k` checkpoints by it (`mode` min/max).
             Read right after it is logged (after validation for validation metrics): never stale.
         save_top_k: how many checkpoints to keep (-1: all). Without `monitor`: the newest ones.
@@ -58,9 +66,14 @@ class ModelCheckpoint(Callback):
     fusion_safe = True  # its batch hooks are right when replayed after a fused dispatch
 
     def next_host_step(self, engine: Engine) -> int | None:
-        """A dispatch ends at every `every_n_steps` save (the save sees that step's state)."""
-        every = self.every_n_steps
-        return None if not every else (engine.global_step // every + 1) * every
+        """A dispatch ends at every step where a save may happen (the save sees that step's
+        state): `every_n_steps`, `keep_every_n_steps`, and the clock's check steps."""
+        step = engine.global_step
+        cadences = [self.every_n_steps, self.keep_every_n_steps]
+        if self.every_n_seconds is not None and distributed.process_count() > 1:
+            cadences.append(SYNC_EVERY_N_STEPS)  # where process 0's clock is shared
+        nexts = [(step // every + 1) * every for every in cadences if every]
+        return min(nexts, default=None)
 
     def __init__(
         self,
@@ -71,13 +84,40 @@ class ModelCheckpoint(Callback):
         mode: str = "min",
         save_top_k: int = 1,
         save_last: bool = True,
+        every_n_seconds: float | None = None,
+        keep_every_n_steps: int | None = None,
     ):
-        for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
-            if value is not None and (not isinstance(value, int) or value < 1):
+        for name, value in (
+            ("every_n_steps", every_n_steps),
+            ("every_n_epochs", every_n_epochs),
+            ("keep_every_n_steps", keep_every_n_steps),
+        ):
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 1
+            ):
                 raise ValueError(f"ModelCheckpoint({name}={value!r}): use a positive int or None.")
-        if every_n_steps is not None and every_n_epochs is not None:
+        if every_n_seconds is not None and (
+            not isinstance(every_n_seconds, int | float)
+            or isinstance(every_n_seconds, bool)
+            or not every_n_seconds > 0
+        ):
             raise ValueError(
-                "ModelCheckpoint: set either every_n_steps or every_n_epochs, not both."
+                f"ModelCheckpoint(every_n_seconds={every_n_seconds!r}): use a positive number of "
+                "seconds or None."
+            )
+        cadences = [
+            name
+            for name, value in (
+                ("every_n_steps", every_n_steps),
+                ("every_n_epochs", every_n_epochs),
+                ("every_n_seconds", every_n_seconds),
+            )
+            if value is not None
+        ]
+        if len(cadences) > 1:
+            raise ValueError(
+                f"ModelCheckpoint: set one of every_n_steps, every_n_epochs, every_n_seconds, "
+                f"not {' and '.join(cadences)}. (keep_every_n_steps combines with any of them.)"
             )
         if mode not in MODES:
             raise ValueError(f"ModelCheckpoint(mode={mode!r}): use 'min' or 'max'.")
@@ -90,6 +130,9 @@ class ModelCheckpoint(Callback):
             raise ValueError("ModelCheckpoint(save_top_k=0, save_last=False) would keep nothing.")
         self.dirpath = None if dirpath is None else os.fspath(dirpath)
         self.every_n_steps, self.every_n_epochs = every_n_steps, every_n_epochs
+        self.every_n_seconds, self.keep_every_n_steps = every_n_seconds, keep_every_n_steps
+        self._clock: SaveClock | None = None
+        self._snapshot = False  # a keep_every_n_steps save is due at this step
         self.monitor, self.mode, self.save_top_k, self.save_last = (
             monitor,
             mode,
@@ -121,11 +164,13 @@ class ModelCheckpoint(Callback):
             mode=self.mode,
             top_k=self.save_top_k,
             keep_last=self.save_last or self.monitor is None,
+            keep_every_n_steps=self.keep_every_n_steps,
         )
-        self._pending = False
+        self._pending = self._snapshot = False
 
     def on_fit_start(self, engine: Engine) -> None:
         self._source = None
+        self._clock = None if self.every_n_seconds is None else SaveClock(self.every_n_seconds)
         if self.monitor is None:
             return
         self._source = metric_source(engine, self.monitor, "ModelCheckpoint")
@@ -168,32 +213,55 @@ class ModelCheckpoint(Callback):
         every = engine.val_every_n_steps
         return bool(every and engine.global_step % every == 0)
 
+    def _fresh_train_metric(self, engine: Engine) -> bool:
+        """False while a monitored training metric was not logged at this step."""
+        return self._source != "train" or engine.global_step % engine.log_every_n_steps == 0
+
     def on_train_batch_end(self, engine: Engine, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.every_n_steps and engine.global_step % self.every_n_steps == 0:
+        step = engine.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0:
             self._pending = True
-        # Save once the step's validation / epoch end (which may change callback state) is done.
-        if self._pending and not (
-            self._source == "val" or self._validation_follows(engine) or self._epoch_end(engine)
+        if self._clock is not None and self._clock.due(step):  # the same answer everywhere
+            self._pending = True
+        if self.keep_every_n_steps and step % self.keep_every_n_steps == 0:
+            self._snapshot = True
+        # Save once the step's validation / epoch end (which may change callback state) is done,
+        # and only where the state is this step's (the end of a fused dispatch).
+        if self._validation_follows(engine) or self._epoch_end(engine):
+            return
+        if engine.dispatch_end_step not in (None, step):
+            return
+        if self._snapshot or (
+            self._pending and self._source != "val" and self._fresh_train_metric(engine)
         ):
             self._save(engine)
 
     def on_validation_end(self, engine: Engine) -> None:
-        if self._source == "val" and not (self.every_n_steps or self.every_n_epochs):
+        if self._source == "val" and not (
+            self.every_n_steps or self.every_n_epochs or self.every_n_seconds
+        ):
             self._pending = True
-        if self._pending and not self._epoch_end(engine):
+        if self._epoch_end(engine):
+            return
+        if self._snapshot or (self._pending and self._fresh_train_metric(engine)):
             self._save(engine)
 
     def on_train_epoch_end(self, engine: Engine) -> None:
         every = self.every_n_epochs
-        if every is None and not self.every_n_steps and self._source != "val":
+        cadence = self.every_n_steps or self.every_n_seconds
+        if every is None and not cadence and self._source != "val":
             every = 1
         if every and (engine.current_epoch + 1) % every == 0:
             self._pending = True
-        if self._pending:
+        if self._pending or self._snapshot:
             self._save(engine, position=(engine.current_epoch + 1, 0))
 
     def on_fit_end(self, engine: Engine) -> None:
-        if self._pending or (self.save_last and self.writer.latest_step() != engine.global_step):
+        if (
+            self._pending
+            or self._snapshot
+            or (self.save_last and self.writer.latest_step() != engine.global_step)
+        ):
             self._save(engine)
         self.writer.wait()
         self._announce_committed(engine)
@@ -220,8 +288,13 @@ class ModelCheckpoint(Callback):
         return None if value is None or not math.isfinite(value) else float(value)
 
     def _save(self, engine: Engine, position: tuple[int, int] | None = None) -> None:
-        self._pending = False
-        score = self._score(engine)
+        # A snapshot that is not also a cadence save carries no score: its metric may be stale,
+        # and it is kept by keep_every_n_steps, not ranked among the best.
+        scored = self._pending or not self._snapshot
+        self._pending = self._snapshot = False
+        if self._clock is not None:
+            self._clock.reset()
+        score = self._score(engine) if scored else None
         if score is not None and self._better(score):
             self.best_model_score, self.best_model_step = score, engine.global_step
         if self._uncommitted is not None:

@@ -32,11 +32,12 @@ class LearningRateMonitor(Callback):
     """Logs the learning rate applied by the most recent optimizer update every
     `log_every_n_steps`, under `name` (or `name/0`, `name/1`, ... for several optimizers).
 
-    The rate is read from the optimizer state when the optimizer is built with
+    The rate comes from, in order: the `schedule` function passed here; the schedule that
+    `configure_optimizers` named with the dict form `{"optimizer": tx, "lr_schedule": fn}`
+    (`engine.lr_schedule`); the optimizer state when the optimizer is built with
     `optax.inject_hyperparams` (e.g. `optax.inject_hyperparams(optax.adam)(learning_rate=
-    optax.cosine_decay_schedule(1e-3, 1000))`); otherwise pass the schedule function,
-    `LearningRateMonitor(schedule=fn)`, and it is evaluated at the count of that update.
-    After `k` updates both give `schedule(k - 1)`: the rate the k-th update used.
+    optax.cosine_decay_schedule(1e-3, 1000))`). A schedule is evaluated at the count of that
+    update: after `k` updates all give `schedule(k - 1)`, the rate the k-th update used.
     """
 
     fusion_safe = True  # its batch hooks are right when replayed after a fused dispatch
@@ -50,23 +51,26 @@ class LearningRateMonitor(Callback):
         if not isinstance(name, str) or not name:
             raise ValueError(f"LearningRateMonitor(name={name!r}): expected a non-empty string.")
         self.schedule, self.name = schedule, name
+        self._active: Callable[[int], Any] | None = schedule  # this fit's schedule, if any
         self.history: list[tuple[int, dict[str, float]]] = []
 
     def on_fit_start(self, engine: Engine) -> None:
         self.history = []
-        if self.schedule is None and not injected_learning_rates(engine.state.opt_state):
+        self._active = self.schedule or getattr(engine, "lr_schedule", None)
+        if self._active is None and not injected_learning_rates(engine.state.opt_state):
             raise ValueError(
-                "LearningRateMonitor found no learning rate in the optimizer state. Build the "
-                "optimizer with optax.inject_hyperparams, e.g. `optax.inject_hyperparams("
-                "optax.adam)(learning_rate=schedule)` in configure_optimizers, or pass the "
-                "schedule: LearningRateMonitor(schedule=schedule)."
+                "LearningRateMonitor found no learning rate schedule. Return it from "
+                "configure_optimizers with the dict form `{'optimizer': optax.adam(schedule), "
+                "'lr_schedule': schedule}`, build the optimizer with optax.inject_hyperparams "
+                "(e.g. `optax.inject_hyperparams(optax.adam)(learning_rate=schedule)`), or pass "
+                "it: LearningRateMonitor(schedule=schedule)."
             )
 
     def read(self, engine: Engine) -> dict[str, float]:
         """The current learning rate(s) (one small device read)."""
-        if self.schedule is not None:
+        if self._active is not None:
             updates = int(jax.device_get(engine.state.step))
-            rates = [self.schedule(max(updates - 1, 0))]
+            rates = [self._active(max(updates - 1, 0))]
         else:
             rates = injected_learning_rates(engine.state.opt_state)
         rates = [float(r) for r in jax.device_get(rates)]

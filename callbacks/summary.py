@@ -15,6 +15,8 @@ from flax import nnx
 
 from meshfit.engine.hardware import compiled_flops, compiled_memory, format_bytes
 from meshfit.engine.hooks import Callback
+from meshfit.engine.remat import describe_remat
+from meshfit.engine.stack import Stack
 from meshfit.engine.trees import max_device_bytes, path_str, shard_bytes
 
 
@@ -40,6 +42,18 @@ def parameter_rows(params: Any) -> list[tuple[str, str, str, str, int, int]]:
             )
         )
     return rows
+
+
+def stack_rows(module: Any) -> list[str]:
+    """One line per `Stack` in `module`: its path, layer count and remat policy."""
+    if module is None:
+        return []
+    return [
+        f"{'/'.join(map(str, path)) or '<root>'} ({node.num_layers} layers, remat "
+        f"{describe_remat(node.remat)})"
+        for path, node in nnx.iter_graph(module)
+        if isinstance(node, Stack)
+    ]
 
 
 def _table(rows: list[tuple[str, ...]], header: tuple[str, ...], right: set[int]) -> list[str]:
@@ -76,6 +90,9 @@ def summarize(engine: Any, max_rows: int = 40) -> str:
     grid = np.vectorize(lambda d: d.id)(mesh.devices)
     lines.append(f"mesh: ({axes}) axis names {tuple(mesh.axis_names)}; device ids {grid.tolist()}")
     lines.append(f"strategy: {strategy.describe(engine.layout)}")
+    stacks = stack_rows(engine.module)
+    if stacks:
+        lines.append(f"stacks: {'; '.join(stacks)}")
     memory, flops = compiled_memory(engine.compiled_step), compiled_flops(engine.compiled_step)
     lines.append(
         f"compiled step: {format_bytes(memory)} per device, "

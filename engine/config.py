@@ -49,6 +49,7 @@ class EngineConfig:
     nan_guard: str | bool = "error"
     enable_model_summary: bool = True
     data_workers: int = 0
+    compilation_cache_dir: str | os.PathLike | bool | None = None
     num_sanity_val_steps: int = 2
     steps_per_dispatch: int | str = "auto"
     data_on_device: bool | str = "auto"

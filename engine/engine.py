@@ -20,6 +20,7 @@ from meshfit.callbacks.nan_guard import default_nan_guard
 from meshfit.callbacks.progress import ProgressBar
 from meshfit.callbacks.summary import default_model_summary
 from meshfit.callbacks.tensorboard import TensorBoardLogger
+from meshfit.engine import compile_cache
 from meshfit.engine.config import EngineConfig
 from meshfit.engine.data import make_loader
 from meshfit.engine.datamodule import DataModule, data_for
@@ -64,6 +65,9 @@ class Engine:
         nan_guard: on a non-finite loss, skip the update and "error" (stop, naming the step) or
             "warn"; False turns the check off. Inactive with DynamicLossScaling (it skips).
         enable_model_summary: print the ModelSummary table at fit start (process 0).
+        compilation_cache_dir: JAX's persistent compilation cache, so a restart or a second
+            run skips XLA compilation: a directory, None (default: <default_root_dir>/jax_cache)
+            or False (off). Set at the start of fit / validate / test / predict.
         data_workers: worker processes reading a random-access source (grain `mp_prefetch`);
             0 reads it with threads in this process.
         num_sanity_val_steps: validation batches run before the first training step (when
@@ -100,6 +104,7 @@ class Engine:
         nan_guard: str | bool = "error",
         enable_model_summary: bool = True,
         data_workers: int = 0,
+        compilation_cache_dir: str | os.PathLike | bool | None = None,
         num_sanity_val_steps: int = 2,
         steps_per_dispatch: int | str = "auto",
         data_on_device: bool | str = "auto",
@@ -107,6 +112,13 @@ class Engine:
         args = {name: value for name, value in locals().items() if name != "self"}
         self.config = EngineConfig(**args)  # every argument, checked before anything compiles
         distributed.initialize()  # no-op unless the environment describes a multi-process job
+        #: Absolute path of the persistent compilation cache, or None when off.
+        self.compilation_cache_dir = compile_cache.resolve_cache_dir(
+            compilation_cache_dir, self.config.default_root_dir
+        )
+        compile_cache.configure(self.compilation_cache_dir)  # also caches what is built next
+        #: The learning-rate schedule named by configure_optimizers' dict form (else None).
+        self.lr_schedule: Any = None
         self.devices = _resolve_devices(devices)
         self.callbacks = _with_defaults(self.config)
         self.strategy: Strategy | None = None
@@ -119,6 +131,9 @@ class Engine:
         self.batch_idx = 0  # next batch of the current epoch (the data position)
         self.num_training_batches: int | None = None
         self.should_stop = False
+        #: The global step at the end of the running dispatch: the batch hooks of earlier steps
+        #: of a fused dispatch run after it, when `state` is already that step's.
+        self.dispatch_end_step: int | None = None
         self.predict_rows: tuple[int, int] | None = None  # rows of the latest prediction outputs
         self.timings = PhaseTimer()  # host seconds per loop phase (step/data/callbacks/...)
 
@@ -291,10 +306,12 @@ class Engine:
             val_data = val_data if val_data is not None else datamodule.val_data()
         elif train_data is None:
             raise TypeError("fit() needs train_data, or datamodule=<a meshfit.DataModule>.")
+        compile_cache.configure(self.compilation_cache_dir)
         self.should_stop = False
         HookTable(self.callbacks, self, self.timings)("setup")
         found = resolve_checkpoint(self, ckpt_path) if ckpt_path is not None else None
         plan = self.plan(module)
+        self.lr_schedule = plan.lr_schedule
         self.run = FitRun(self, plan, module, train_data, val_data, found)
         self.run.execute()
 
@@ -364,6 +381,7 @@ class Engine:
         """A fresh run of `cls` over `module`'s weights (after loading `ckpt_path`, if given)."""
         if not isinstance(module, nnx.Module):
             raise TypeError(f"{what} needs a module instance, got {type(module).__name__}.")
+        compile_cache.configure(self.compilation_cache_dir)
         if self.strategy is None:
             self.strategy = resolve_strategy(self.config.strategy, len(self.devices))
             self.strategy.setup(self.devices)

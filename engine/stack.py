@@ -15,6 +15,8 @@ from typing import Any
 import jax
 from flax import nnx
 
+from meshfit.engine.remat import Remat, resolve_remat
+
 #: Variable metadata key marking a stacked variable; its value is the number of layers.
 STACK_METADATA = "meshfit_stack"
 
@@ -48,9 +50,14 @@ def stack_size(variable: Any) -> int | None:
 
 
 def scan_layers(
-    graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, x: jax.Array
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    rest: nnx.State,
+    x: jax.Array,
+    remat: Remat | None = None,
 ) -> tuple[jax.Array, nnx.State]:
-    """Apply the stacked layers (leading axis of `params`/`rest`) to `x` in order.
+    """Apply the stacked layers (leading axis of `params`/`rest`) to `x` in order, each layer
+    rematerialised in the backward pass under `remat` (None: activations are stored).
 
     Returns the output and the layers' updated non-parameter state (RNG counts, statistics).
     """
@@ -69,6 +76,8 @@ def scan_layers(
         _, _, new_rest = nnx.split(layer, nnx.Param, ...)
         return out, new_rest
 
+    if remat is not None:
+        body = remat.wrap(body)
     return jax.lax.scan(body, x, (params, rest), length=length)
 
 
@@ -78,9 +87,20 @@ class Stack(nnx.Module):
     Every parameter has a leading axis of size `num_layers` (NNX's `split_rngs` + `vmap`
     init). `stack(x)` applies the layers in order: a `scan` under data-parallel and sharded
     strategies, a pipelined schedule under `Pipeline`.
+
+    `remat` recomputes each layer's activations in the backward pass instead of storing them:
+    False (off), True (keep only each layer's input), a `jax.checkpoint_policies` name
+    ("dots_saveable", "nothing_saveable", ...) or a policy function. Same numbers, less memory.
     """
 
-    def __init__(self, make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, *, rngs):
+    def __init__(
+        self,
+        make_layer: Callable[[nnx.Rngs], nnx.Module],
+        num_layers: int,
+        *,
+        rngs,
+        remat: bool | str | Callable[..., bool] = False,
+    ):
         if not callable(make_layer) or isinstance(make_layer, nnx.Module):
             raise TypeError(
                 f"Stack(make_layer, ...) needs a callable rngs -> nnx.Module, got "
@@ -90,6 +110,7 @@ class Stack(nnx.Module):
             raise ValueError(f"Stack num_layers must be a positive integer, got {num_layers!r}.")
         if not isinstance(rngs, nnx.Rngs):
             raise TypeError(f"Stack(..., rngs=...) needs an nnx.Rngs, got {type(rngs).__name__}.")
+        policy = resolve_remat(remat)
 
         @nnx.split_rngs(splits=num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -103,6 +124,7 @@ class Stack(nnx.Module):
 
         self.layers = create(rngs)
         self.num_layers = num_layers
+        self.remat = policy
         for _, node in nnx.iter_graph(self.layers):
             if isinstance(node, nnx.Variable):
                 node.set_metadata(STACK_METADATA, num_layers)
@@ -116,6 +138,6 @@ class Stack(nnx.Module):
     def scan(self, x: jax.Array) -> jax.Array:
         """Apply the layers sequentially on the current devices (one compiled loop body)."""
         graphdef, params, rest = nnx.split(self.layers, nnx.Param, ...)
-        y, new_rest = scan_layers(graphdef, params, rest, x)
+        y, new_rest = scan_layers(graphdef, params, rest, x, self.remat)
         nnx.update(self.layers, new_rest)
         return y

@@ -29,6 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from meshfit.engine.remat import Remat
 from meshfit.engine.stack import Stack, scan_layers, stack_executor, stack_size
 from meshfit.strategies.base import Layout, Strategy, make_mesh, nearest_multiples, param_specs
 
@@ -206,6 +207,7 @@ class Pipeline(Strategy):
             repeats=self.repeats,
             microbatches=microbatches,
             batch_axis=batch_axis,
+            remat=stack.remat,
         )
         nnx.update(stack.layers, new_rest)
         return y
@@ -268,6 +270,7 @@ def pipeline_apply(
     batch_axis: str | None,
     idle_value: float = 0.0,
     mask_idle: bool = True,
+    remat: Remat | None = None,
 ) -> tuple[jax.Array, nnx.State]:
     """Run stacked layers (leading axis L) on `x` as a pipeline over `mesh`'s `stage` axis.
 
@@ -275,6 +278,7 @@ def pipeline_apply(
     The batch is split strided into `microbatches` (row i -> microbatch i mod M), keeping each
     row on its `batch_axis` device. `idle_value` fills the buffers idle ticks read from; their
     input is masked to zero (`mask_idle`) so garbage never reaches a layer or its gradient.
+    `remat` rematerialises each layer as in `Stack.scan`.
     Returns the output (same shape as `x`) and the layers' updated non-parameter state.
     """
     stages, num = mesh.shape["stage"], microbatches
@@ -301,6 +305,7 @@ def pipeline_apply(
         axes=("stage",) + ((batch_axis,) if batch_axis else ()),
         idle_value=idle_value,
         mask_idle=mask_idle,
+        remat=remat,
     )
     ys, rest = jax.shard_map(
         body, mesh=mesh, in_specs=(w_spec, w_spec, x_spec), out_specs=(x_spec, w_spec)
@@ -311,7 +316,18 @@ def pipeline_apply(
 
 
 def _schedule(
-    graphdef, params, rest, xs, *, stages, repeats, microbatches, axes, idle_value, mask_idle
+    graphdef,
+    params,
+    rest,
+    xs,
+    *,
+    stages,
+    repeats,
+    microbatches,
+    axes,
+    idle_value,
+    mask_idle,
+    remat,
 ):
     """One device's side of the schedule: a scan over ticks (runs inside shard_map)."""
     params, rest = jax.tree.map(lambda a: a[:, 0], (params, rest))  # (V, K, ...)
@@ -340,7 +356,7 @@ def _schedule(
         if mask_idle:
             inp = jnp.where(active, inp, jnp.zeros_like(inp))
         layer_rest = _index(rest, rep)
-        y, new_rest = scan_layers(graphdef, _index(params, rep), layer_rest, inp)
+        y, new_rest = scan_layers(graphdef, _index(params, rep), layer_rest, inp, remat)
         rest = _set(rest, rep, _where(active, new_rest, layer_rest))
         done = active & (d == stages - 1) & (rep == repeats - 1)
         out = _set(out, mc, jnp.where(done, y, _index(out, mc)))

@@ -16,6 +16,12 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _quiet_root(tmp_path, monkeypatch):
-    """Run every test in its own directory so ./runs never leaks between tests."""
-    monkeypatch.chdir(tmp_path)
+def _quiet_root(tmp_path_factory, monkeypatch):
+    """Run every test in its own directory so ./runs never leaks between tests (nor the
+    compilation cache an Engine sets in ./runs/jax_cache). Not tmp_path itself, so a test that
+    writes into tmp_path finds there only what it wrote."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    from meshfit.engine import compile_cache
+
+    compile_cache.configure(None)

@@ -19,7 +19,8 @@ class CheckpointWriter:
     """One orbax `CheckpointManager` over `directory`, saving asynchronously and atomically.
 
     Keeps the newest checkpoint (`keep_last`) plus, when `monitor` is set, the best `top_k` by
-    its score; `top_k=-1` keeps every monitored one. Orbax writes into a temporary directory and
+    its score; `top_k=-1` keeps every monitored one; steps that are multiples of
+    `keep_every_n_steps` are never deleted. Orbax writes into a temporary directory and
     renames it when complete, and deletes old steps only after the new one is committed.
     """
 
@@ -31,9 +32,11 @@ class CheckpointWriter:
         mode: str = "min",
         top_k: int = 1,
         keep_last: bool = True,
+        keep_every_n_steps: int | None = None,
     ):
         self.directory = os.path.abspath(directory)
         self.monitor, self.mode, self.top_k, self.keep_last = monitor, mode, top_k, keep_last
+        self.keep_every_n_steps = keep_every_n_steps
         self._manager: ocp.CheckpointManager | None = None
         self.last_blocking_s = 0.0
 
@@ -48,6 +51,8 @@ class CheckpointWriter:
     def _options(self) -> ocp.CheckpointManagerOptions:
         n = None if self.top_k < 0 else self.top_k
         policies: list[Any] = []
+        if self.keep_every_n_steps:  # permanent snapshots
+            policies.append(ocp_keep.EveryNSteps(interval_steps=self.keep_every_n_steps))
         if self.keep_last:
             policies.append(ocp_keep.LatestN(n=1))
         if self.monitor is not None:
@@ -65,10 +70,9 @@ class CheckpointWriter:
                 preservation_policy=ocp_keep.AnyPreservationPolicy(policies),
                 enable_async_checkpointing=True,
             )
-        if not self.keep_last:
+        if not self.keep_last or n is None or n > 1:  # the newest n (n=None: every one)
+            policies = [p for p in policies if not isinstance(p, ocp_keep.LatestN)]
             policies.append(ocp_keep.LatestN(n=n) if n is not None else ocp_keep.PreserveAll())
-        elif n is None or n > 1:
-            policies = [ocp_keep.LatestN(n=n) if n is not None else ocp_keep.PreserveAll()]
         return ocp.CheckpointManagerOptions(
             preservation_policy=ocp_keep.AnyPreservationPolicy(policies),
             enable_async_checkpointing=True,

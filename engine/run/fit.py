@@ -257,6 +257,7 @@ class FitRun(EvalRun):
                 if not k:
                     break
                 g0, b0 = engine.global_step, engine.batch_idx
+                engine.dispatch_end_step = g0 + k  # the step whose state the hooks can see
                 if start_hooks:
                     replay(hooks, engine, "on_train_batch_start", g0, b0, k, shapes)
                 timings.begin_step(k)

@@ -23,6 +23,7 @@ from flax import nnx
 from meshfit.engine.hooks import StepContext, StepTransform
 from meshfit.engine.module import MetricMeta, log_scope
 from meshfit.engine.state import TrainState
+from meshfit.engine.step.optimizer import accepts_value
 from meshfit.strategies.base import Strategy
 
 PRECISIONS = {"fp32": None, "32": None, "bf16": jnp.bfloat16, "fp16": jnp.float16}
@@ -101,6 +102,7 @@ def make_train_step(
             meta.setdefault(name, MetricMeta(reduce))
     base = step_context or StepContext()
     ctx = dataclasses.replace(base, metric_reduce=lambda name: meta.get(name, MetricMeta()).reduce)
+    pass_value = accepts_value(tx)  # e.g. reduce_on_plateau: the update needs the loss
 
     def loss_fn(params, rest, batch, extra):
         out, logs, new_rest = _run_method(
@@ -135,7 +137,12 @@ def make_train_step(
             logs.update(t.metrics(extra[t.state_key]))
 
         def update(state: TrainState) -> TrainState:
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            if pass_value:
+                updates, opt_state = tx.update(
+                    grads, state.opt_state, state.params, value=logs["loss"]
+                )
+            else:
+                updates, opt_state = tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
             new_extra = {
                 t.state_key: t.after_update(extra[t.state_key], params, ctx) for t in transforms

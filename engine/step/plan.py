@@ -19,6 +19,7 @@ from meshfit.engine.hooks import StepTransform
 from meshfit.engine.module import overrides
 from meshfit.engine.state import TrainState
 from meshfit.engine.step.build import split_module
+from meshfit.engine.step.optimizer import OptimizerConfig, parse_optimizers
 from meshfit.strategies.base import Layout, Strategy
 
 ModuleOrFactory = nnx.Module | Callable[[], nnx.Module]
@@ -35,25 +36,23 @@ class StatePlan(NamedTuple):
     abstract: TrainState
     shardings: TrainState
     layout: Layout
+    lr_schedule: Callable[[Any], Any] | None = None  # from configure_optimizers' dict form
 
 
 def make_optimizer(
     module: nnx.Module, clip_val: float | None = None, clip_algorithm: str = "norm"
-) -> optax.GradientTransformation:
-    """`module.configure_optimizers()`, checked, with gradient clipping chained in front."""
+) -> OptimizerConfig:
+    """`module.configure_optimizers()`, checked, with gradient clipping chained in front of
+    the optimizer (the schedule, if the dict form named one, is kept beside it)."""
     try:
-        tx = module.configure_optimizers()
+        out = module.configure_optimizers()
     except NotImplementedError:
-        tx = None
-    if not isinstance(tx, optax.GradientTransformation):
-        raise TypeError(
-            f"{type(module).__name__}.configure_optimizers() must return an optax "
-            f"GradientTransformation (e.g. `return optax.adam(1e-3)`), got {type(tx).__name__}."
-        )
+        out = None
+    config = parse_optimizers(type(module).__name__, out)
     if clip_val is None:
-        return tx
+        return config
     clip = optax.clip_by_global_norm(clip_val) if clip_algorithm == "norm" else optax.clip(clip_val)
-    return optax.chain(clip, tx)
+    return config._replace(tx=optax.chain(clip, config.tx))
 
 
 def plan_state(
@@ -83,7 +82,8 @@ def plan_state(
                 f"{type(template).__name__} has no training_step. Subclass meshfit.TrainModule "
                 "and define `def training_step(self, batch): ... return loss`."
             )
-        tx = make_optimizer(template, clip_val, clip_algorithm)
+        optimizer = make_optimizer(template, clip_val, clip_algorithm)
+        tx = optimizer.tx
         graphdef, params, rest = split_module(template)
 
         def init(params, rest):
@@ -92,7 +92,9 @@ def plan_state(
 
         abstract = jax.eval_shape(init, params, rest)
         layout = strategy.layout(abstract)
-    return StatePlan(graphdef, params, rest, tx, init, abstract, layout.shardings, layout)
+    return StatePlan(
+        graphdef, params, rest, tx, init, abstract, layout.shardings, layout, optimizer.lr_schedule
+    )
 
 
 def relayout(plan: StatePlan, strategy: Strategy) -> StatePlan:

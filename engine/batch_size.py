@@ -16,7 +16,8 @@ import numpy as np
 from meshfit.engine.data import make_loader
 from meshfit.engine.engine import Engine
 from meshfit.engine.hardware import compiled_memory, min_device_memory
-from meshfit.engine.step.build import jit_train_step
+from meshfit.engine.step.build import leaves_train_step
+from meshfit.engine.step.fused import FusedStep, empty_metrics, stacked_sharding
 
 
 class BatchSizeEstimate(NamedTuple):
@@ -134,6 +135,27 @@ def find_batch_size(
         plan.shardings,
     )
     measured: dict[int, int] = {}
+    treedef = jax.tree.structure(plan.abstract)
+    leaves = treedef.flatten_up_to(abstract_state)
+
+    def dispatch_program(batch: Any) -> Any:
+        """What fit compiles as `compiled_step`: a one-step fused dispatch over a stacked host
+        batch, with the metric accumulator (batches fed from the host)."""
+        meta: dict = {}
+        step = leaves_train_step(plan, strategy_, engine.transforms, meta, engine.precision)
+        fused = FusedStep(step, meta, strategy_, treedef.flatten_up_to(plan.shardings))
+        names = jax.eval_shape(step, leaves, batch)[1]
+        acc = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=strategy_.replicated()),
+            jax.eval_shape(lambda: empty_metrics(meta, dict.fromkeys(names))),
+        )
+        xs = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(
+                (1, *x.shape), x.dtype, sharding=stacked_sharding(strategy_, x.ndim + 1)
+            ),
+            batch,
+        )
+        return fused.compile(1, leaves, acc, xs)
 
     def bytes_for(batch_size: int) -> int:
         if batch_size not in measured:
@@ -145,10 +167,8 @@ def find_batch_size(
                 ),
                 row,
             )
-            step = jit_train_step(plan, strategy_, engine.transforms, {}, engine.precision, batch)
             with jax.set_mesh(strategy_.mesh):
-                lowered = step.lower(jax.tree.leaves(abstract_state), batch)
-                measured[batch_size] = compiled_memory(lowered.compile())
+                measured[batch_size] = compiled_memory(dispatch_program(batch))
         return measured[batch_size]
 
     if bytes_for(dp) > memory_budget:

@@ -20,7 +20,9 @@ def model():
 @functools.cache
 def compiled_bytes(batch_size):
     """Per-device bytes of the step `Engine.fit` itself compiles (one step run)."""
-    engine = Engine(strategy="dp", max_steps=1, batch_size=batch_size, **quiet())
+    engine = Engine(
+        strategy="dp", max_steps=1, batch_size=batch_size, data_on_device=False, **quiet()
+    )
     engine.fit(model(), DATA)
     return step_bytes(engine.compiled_step)
 

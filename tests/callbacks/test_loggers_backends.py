@@ -242,6 +242,7 @@ def test_process_one_of_two_writes_nothing(tmp_path, monkeypatch):
     assert all(not logger.is_open and logger.log_dir is None for logger in engine.loggers)
     written = [p for p in glob.glob(str(tmp_path / "**"), recursive=True) if os.path.isfile(p)]
     written = [p for p in written if "wandb-home" not in p]
+    written = [p for p in written if "jax_cache" not in p]  # JAX's compilation cache, no logger's
     assert written == []
 
 

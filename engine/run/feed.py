@@ -16,10 +16,15 @@ from meshfit.engine.step.fused import stacked_sharding
 class TrainFeed:
     """Chooses the data path once (`data_on_device`), then serves each epoch's dispatches."""
 
-    def __init__(self, engine: Any, loader: Any, placer: Any):
+    def __init__(self, engine: Any, loader: Any, placer: Any, host_batches: bool = False):
+        """`host_batches`: a callback reads each step's batch, so "auto" keeps it on the host."""
         self.loader, self.placer, self.strategy = loader, placer, engine.strategy
+        setting = engine.config.data_on_device
         keep = device_data.choose(
-            engine.config.data_on_device, loader, distributed.process_count(), engine.devices
+            False if host_batches and setting == "auto" else setting,
+            loader,
+            distributed.process_count(),
+            engine.devices,
         )
         self.device_data = device_data.DeviceData(loader, self.strategy) if keep else None
 

@@ -28,7 +28,7 @@ from meshfit.engine.hooks import overridden_hooks
 from meshfit.engine.module import MetricMeta
 from meshfit.engine.processes import distributed
 from meshfit.engine.run.device_metrics import DeviceMetrics
-from meshfit.engine.run.dispatch import DispatchPlanner, StepOutputs, replay
+from meshfit.engine.run.dispatch import DispatchPlanner, StepOutputs, fusion_blockers, replay
 from meshfit.engine.run.evaluate import EvalRun
 from meshfit.engine.run.feed import TrainFeed
 from meshfit.engine.run.inflight import InFlight, in_flight_limit
@@ -73,7 +73,9 @@ class FitRun(EvalRun):
         step = leaves_train_step(
             plan, strategy, engine.transforms, self.train_meta, config.precision
         )
-        self.feed = TrainFeed(engine, self.train_loader, self.placer)
+        # A callback that is not fusion-safe reads each step's real batch (one step a dispatch).
+        self.real_batches = bool(fusion_blockers(engine.callbacks))
+        self.feed = TrainFeed(engine, self.train_loader, self.placer, self.real_batches)
         self.device_data = self.feed.device_data
         if self.device_data is not None:  # the step gathers its rows on the device
             self.batch_example = self.device_data.step_shapes()
@@ -258,6 +260,8 @@ class FitRun(EvalRun):
                     break
                 g0, b0 = engine.global_step, engine.batch_idx
                 engine.dispatch_end_step = g0 + k  # the step whose state the hooks can see
+                if self.real_batches and k == 1 and self.device_data is None:
+                    shapes = jax.tree.map(lambda x: x[0], xs)  # the batch itself, not its shapes
                 if start_hooks:
                     replay(hooks, engine, "on_train_batch_start", g0, b0, k, shapes)
                 timings.begin_step(k)

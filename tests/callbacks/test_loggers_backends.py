@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import struct
+import time
 
 import pytest
 from flax import nnx
@@ -172,6 +173,7 @@ def test_resume_continues_the_same_runs_without_repeating_steps(tmp_path):
     first, _ = fit(
         tmp_path, four_loggers(tmp_path, True), max_epochs=1, callbacks=[ModelCheckpoint()]
     )
+    time.sleep(1.1)  # W&B names offline run directories by the second: one each session
     engine, _ = fit(
         tmp_path,
         four_loggers(tmp_path, True),

@@ -261,7 +261,8 @@ class FitRun(EvalRun):
                 g0, b0 = engine.global_step, engine.batch_idx
                 engine.dispatch_end_step = g0 + k  # the step whose state the hooks can see
                 if self.real_batches and k == 1 and self.device_data is None:
-                    shapes = jax.tree.map(lambda x: x[0], xs)  # the batch itself, not its shapes
+                    with timings.phase("step"):  # device work (a slice), not waiting for data
+                        shapes = jax.tree.map(lambda x: x[0], xs)  # the batch, not its shapes
                 if start_hooks:
                     replay(hooks, engine, "on_train_batch_start", g0, b0, k, shapes)
                 timings.begin_step(k)

@@ -127,12 +127,19 @@ class FitRun(EvalRun):
     def _example_batch(self) -> Any:
         """Abstract first batch (shapes, dtypes, shardings) to compile the step before the loop.
         The loop starts with this same generator, so a one-shot iterator loses nothing."""
-        engine = self.engine
+        engine, rows_for = self.engine, self.placer.rows_for
         epoch, start = engine.current_epoch, engine.batch_idx
-        if engine.num_training_batches is not None and start >= engine.num_training_batches:
-            epoch, start = epoch + 1, 0  # resumed right after an epoch's last batch
-        batches = self.train_loader.epoch(epoch, start, self.placer.rows_for)
-        first = next(batches, None)
+        n = engine.num_training_batches
+        at_end = n is not None and start >= n  # resumed right after an epoch's last batch
+        if not at_end:
+            batches = self.train_loader.epoch(epoch, start, rows_for)
+            first = next(batches, None)
+            at_end = first is None and start > 0  # an iterable's epoch ended right there
+        if at_end:
+            epoch, start = epoch + 1, 0
+            batches = self.train_loader.epoch(epoch, start, rows_for)
+            first = next(batches, None)
+        self.resumed_at_epoch_end = at_end  # the loop ends that epoch before reading more
         if first is None:
             raise ValueError(
                 "train_data produced no batches; check that it is not an exhausted iterator."
@@ -250,8 +257,11 @@ class FitRun(EvalRun):
         timings.start()  # phases: waiting for data until the step is dispatched
         while not self.finished():
             hooks("on_train_epoch_start")
-            take = self.feed.epoch(engine, self.first_batches)
-            self.first_batches = None
+            if self.resumed_at_epoch_end:  # no batch is left in it: straight to its end
+                take = lambda k: (None, 0, None)  # noqa: E731
+            else:
+                take = self.feed.epoch(engine, self.first_batches)
+                self.first_batches = None
             exhausted, epoch_start = True, engine.batch_idx
             while True:
                 k = self.planner.next_k(engine, None if n is None else n - engine.batch_idx)
@@ -285,16 +295,16 @@ class FitRun(EvalRun):
                 if engine.should_stop or self.reached_max_steps():
                     exhausted = n is not None and engine.batch_idx >= n
                     break
-            self.end_epoch(exhausted, epoch_start)
+            self.end_epoch(exhausted, epoch_start, self.resumed_at_epoch_end)
+            self.resumed_at_epoch_end = False
         self.log_window()  # the steps since the last log
         with timings.phase("step"):
             jax.block_until_ready(live.leaves)
         timings.stop()
 
-    def end_epoch(self, exhausted: bool, epoch_start: int) -> None:
+    def end_epoch(self, exhausted: bool, epoch_start: int, at_end: bool = False) -> None:
+        """`at_end`: resumed just after the epoch's last batch (so no batch was read)."""
         engine = self.engine
-        n = engine.num_training_batches
-        at_end = n is not None and epoch_start >= n  # resumed just after the epoch's last batch
         if engine.batch_idx == epoch_start and not at_end:
             raise ValueError(
                 f"train_data produced no batches in epoch {engine.current_epoch}. A one-shot "

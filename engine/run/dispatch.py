@@ -43,7 +43,16 @@ class DispatchPlanner:
     (log, validation, `max_steps`, the epoch's end, the multi-process preemption check, and
     every callback's `next_host_step`)."""
 
-    def __init__(self, setting: int | str, engine: Any, callbacks: Sequence[Callback], **cadence):
+    def __init__(
+        self,
+        setting: int | str,
+        engine: Any,
+        callbacks: Sequence[Callback],
+        any_size: bool = False,
+        **cadence: int | None,
+    ):
+        """`any_size`: every K up to the largest runs as one program (else a remainder runs
+        as the largest compiled size that fits, `dispatch_sizes`)."""
         config = engine.config
         self.blockers = fusion_blockers(callbacks) if setting == "auto" else []
         if setting == "auto":
@@ -51,7 +60,7 @@ class DispatchPlanner:
         else:
             k_max = int(setting)
         self.k_max, self.setting = k_max, setting
-        self.sizes = dispatch_sizes(k_max)
+        self.sizes = list(range(k_max, 0, -1)) if any_size else dispatch_sizes(k_max)
         self.callbacks = [cb for cb in callbacks if _declares_next_host_step(cb)]
         self.every = [config.log_every_n_steps] + [v for v in cadence.values() if v]
         self.max_steps = config.max_steps

@@ -79,14 +79,27 @@ class FitRun(EvalRun):
         self.device_data = self.feed.device_data
         if self.device_data is not None:  # the step gathers its rows on the device
             self.batch_example = self.device_data.step_shapes()
+        every = config.val_every_n_steps if self.val_loader is not None else None
+        multi = distributed.process_count() > 1
+        self.preemption = PreemptionWatcher()
+        self.planner = DispatchPlanner(
+            config.steps_per_dispatch,
+            engine,
+            engine.callbacks,
+            any_size=self.device_data is not None,  # one program runs every K (FusedStep)
+            val_every=every,
+            preemption_every=self.preemption.sync_every if multi else None,
+        )
         self.fused = FusedStep(
             step,
             self.train_meta,
             strategy,
             jax.tree.structure(plan.abstract).flatten_up_to(plan.shardings),
             rows=None if self.device_data is None else self.device_data.rows,
+            k_max=self.planner.k_max,  # with data on the device, one program for every K
         )
-        names = jax.eval_shape(step, self.live.leaves, self.batch_example)[1]
+        xs = self.feed.abstract_xs(self.batch_example)
+        names = self.fused.metric_shapes(self.live.leaves, xs)
         self.window = DeviceMetrics(self.train_meta, names, strategy.replicated())
         self.window.load_state_dict(meta.get("metric_window") or {})  # the unlogged steps
         self.module = (
@@ -95,20 +108,10 @@ class FitRun(EvalRun):
             else nnx.merge(plan.graphdef, state.params, state.rest)
         )
         self.compiled_step: Any = None
-        self.preemption = PreemptionWatcher()
         self.epoch_end_reads = any(  # a callback reads the metrics at each epoch's end
             "on_train_epoch_end" in overridden_hooks(cb)
             and getattr(cb, "epoch_end_reads_metrics", True)
             for cb in engine.callbacks
-        )
-        every = config.val_every_n_steps if self.val_loader is not None else None
-        multi = distributed.process_count() > 1
-        self.planner = DispatchPlanner(
-            config.steps_per_dispatch,
-            engine,
-            engine.callbacks,
-            val_every=every,
-            preemption_every=self.preemption.sync_every if multi else None,
         )
 
     def _loader(self, data: Any, name: str, train: bool = False) -> Any:

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from meshfit.engine.module import MetricMeta
@@ -54,11 +55,14 @@ def stacked_sharding(strategy: Strategy, ndim: int) -> NamedSharding:
 
 
 class FusedStep:
-    """Jitted K-step dispatches of `step` (`(leaves, batch) -> (leaves, metrics)`), one per K,
-    built on first use: `(leaves, acc, xs) -> (leaves, acc, per-step metrics)`.
+    """Jitted K-step dispatches of `step` (`(leaves, batch) -> (leaves, metrics)`), built on
+    first use: `(leaves, acc, xs) -> (leaves, acc, per-step metrics)`.
 
-    `xs` is a stacked batch (host source) or `(data, perm, start)` (device source: step j
-    takes the rows `perm[(start + j) * rows : (start + j + 1) * rows]` of `data`)."""
+    `xs` is a stacked batch (host source: one program per K) or `(data, perm, start)` (device
+    source: step j takes the rows `perm[(start + j) * rows : (start + j + 1) * rows]` of
+    `data`). With a device source and `k_max`, one program runs any K <= k_max: the number of
+    steps is an argument (a loop with a dynamic trip count; per-step metrics padded to k_max).
+    """
 
     def __init__(
         self,
@@ -67,16 +71,33 @@ class FusedStep:
         strategy: Strategy,
         state_shardings: Any,
         rows: int | None = None,
+        k_max: int | None = None,
     ):
-        self.step, self.meta, self.strategy = step, meta, strategy
+        # jitted inside: every K's program (and the shape queries) reuse one trace of the step
+        self.step, self.meta, self.strategy = jax.jit(step), meta, strategy
         self.state_shardings, self.rows = state_shardings, rows
+        self.k_max = k_max if rows is not None else None  # one program for every K
         self.jitted: dict[tuple, Any] = {}
+        self.used: set[int] = set()  # the K values dispatched
+        self._metric_shapes: Any = None
 
     def __call__(self, k: int, leaves, acc, xs):
+        self.used.add(k)
+        if self.k_max is not None:
+            return self._get(self.k_max, xs)(leaves, acc, xs, np.int32(k))
         return self._get(k, xs)(leaves, acc, xs)
+
+    def metric_shapes(self, leaves, xs) -> dict[str, jax.ShapeDtypeStruct]:
+        """One step's metrics as shapes (found once: they do not depend on K)."""
+        if self._metric_shapes is None:
+            step = lambda lv, xs: self.step(lv, self._batch(xs, 0))[1]  # noqa: E731
+            self._metric_shapes = jax.eval_shape(step, leaves, xs)
+        return self._metric_shapes
 
     def compile(self, k: int, leaves, acc, xs) -> Any:
         """The compiled K-step dispatch (for its memory and FLOPs analyses)."""
+        if self.k_max is not None:
+            return self._get(self.k_max, xs).lower(leaves, acc, xs, np.int32(k)).compile()
         return self._get(k, xs).lower(leaves, acc, xs).compile()
 
     def _get(self, k: int, xs: Any) -> Any:
@@ -88,7 +109,12 @@ class FusedStep:
 
     @property
     def sizes(self) -> list[int]:
-        """The K values compiled so far."""
+        """The K values dispatched so far."""
+        return sorted(self.used)
+
+    @property
+    def programs(self) -> list[int]:
+        """The K of each program built so far (with a device source: just k_max)."""
         return sorted({k for k, _ in self.jitted})
 
     def _batch(self, xs: Any, j: jax.Array) -> Any:
@@ -103,16 +129,34 @@ class FusedStep:
             data,
         )
 
-    def _jit(self, k: int, xs: Any) -> Any:
+    def _body(self, xs: Any) -> Callable:
+        """One step of the loop over `xs`: `((leaves, acc), j) -> ((leaves, acc), metrics)`."""
         meta, step = self.meta, self.step
 
-        def fused_train_step(leaves, acc, xs):  # the name profiles show
-            def body(carry, j):
-                leaves, acc = carry
-                leaves, metrics = step(leaves, self._batch(xs, j))
-                return (leaves, accumulate(acc, metrics, meta)), metrics
+        def body(carry, j):
+            leaves, acc = carry
+            leaves, metrics = step(leaves, self._batch(xs, j))
+            return (leaves, accumulate(acc, metrics, meta)), metrics
 
+        return body
+
+    def _jit(self, k: int, xs: Any) -> Any:
+        def fused_train_step(leaves, acc, xs):  # the name profiles show
+            body = self._body(xs)
             (leaves, acc), per_step = jax.lax.scan(body, (leaves, acc), jnp.arange(k))
+            return leaves, acc, per_step
+
+        def fused_train_steps(leaves, acc, xs, n):  # any n <= k steps, one program
+            body = self._body(xs)
+            one = self.metric_shapes(leaves, xs)
+            padded = jax.tree.map(lambda m: jnp.zeros((k, *m.shape), m.dtype), one)
+
+            def loop(j, carry):
+                state, per_step = carry
+                state, metrics = body(state, j)
+                return state, jax.tree.map(lambda p, m: p.at[j].set(m), per_step, metrics)
+
+            (leaves, acc), per_step = jax.lax.fori_loop(0, n, loop, ((leaves, acc), padded))
             return leaves, acc, per_step
 
         replicated = self.strategy.replicated()
@@ -121,6 +165,13 @@ class FusedStep:
         else:
             data = jax.tree.map(lambda x: x.sharding, xs[0])
             xs_shardings = (data, replicated, replicated)
+        if self.k_max is not None:
+            return jax.jit(
+                fused_train_steps,
+                in_shardings=(self.state_shardings, replicated, xs_shardings, replicated),
+                out_shardings=(self.state_shardings, replicated, replicated),
+                donate_argnums=(0, 1),
+            )
         return jax.jit(
             fused_train_step,
             in_shardings=(self.state_shardings, replicated, xs_shardings),

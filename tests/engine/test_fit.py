@@ -31,7 +31,7 @@ def test_dp_on_8_devices_matches_single_device():
     assert max_abs_diff(results["single"], params_of(MLP(nnx.Rngs(0)))) > 1e-3
 
 
-def test_step_is_traced_once_per_dispatch_size_over_a_multi_epoch_fit():
+def test_one_program_and_two_traces_of_the_step_over_a_multi_epoch_fit():
     traces = []
 
     class Counting(MLP):
@@ -43,9 +43,10 @@ def test_step_is_traced_once_per_dispatch_size_over_a_multi_epoch_fit():
     engine = Engine(strategy="dp", max_epochs=3, batch_size=64, log_every_n_steps=2, **quiet())
     engine.fit(Counting(nnx.Rngs(0)), (x, y), val_data=(x[:100], y[:100]))
     assert engine.global_step == 12 and engine.current_epoch == 3
-    # once for the metric shapes, then once per fused size (auto K = log_every_n_steps = 2)
-    assert engine.run.fused.sizes == [1, 2]
-    assert len(traces) == 1 + len(engine.run.fused.sizes)
+    # auto K = log_every_n_steps = 2; the data is on the device: one program runs every K.
+    # Traced twice: for the metric shapes at start-up, and inside that one program.
+    assert engine.run.fused.programs == engine.run.fused.sizes == [2]
+    assert len(traces) == 2
 
 
 def test_callback_metrics_are_floats_and_module_is_updated_in_place():

@@ -62,7 +62,7 @@ def test_fused_equals_one_step_per_dispatch_bitwise(strategy):
     one = fit(1, strategy, data_on_device=False)
     auto = fit("auto", strategy)  # data on the device, K up to 4 (the log cadence)
     assert auto[0].run.device_data is not None and one[0].run.device_data is None
-    assert auto[0].run.planner.k_max == 4 and one[0].run.fused.sizes == [1]
+    assert auto[0].run.planner.k_max == 4 and one[0].run.fused.programs == [1]
     assert_same(one, auto)
     assert [g for g, _ in auto[2]] == [4, 8, 12, 16, 20]  # no epoch-end read: nothing needs it
 
@@ -87,13 +87,23 @@ def test_only_a_few_sizes_compile_over_a_multi_epoch_fit():
         def on_train_epoch_end(self, engine):
             per_epoch.append(len(compiles))
 
-    engine, *_ = fit("auto", max_epochs=5, log_every_n_steps=8, callbacks=[Epochs()])
-    fused = engine.run.fused
-    # 10 steps an epoch, logs every 8: the remainders 2, 6, 4, ... run one step at a time
-    assert fused.sizes == dispatch_sizes(8)[::-1] == [1, 8]
+    for on_device in (True, False):
+        compiles.clear(), per_epoch.clear()
+        engine, *_ = fit(
+            "auto",
+            data_on_device=on_device,
+            max_epochs=5,
+            log_every_n_steps=8,
+            callbacks=[Epochs()],
+        )
+        fused = engine.run.fused
+        if on_device:  # one program takes the number of steps: 8 and the remainders 2, 6, 4
+            assert fused.programs == [8] and fused.sizes == [2, 4, 6, 8]
+        else:  # 10 steps an epoch, logs every 8: the remainders 2, 6, 4 run one step at a time
+            assert fused.programs == dispatch_sizes(8)[::-1] == [1, 8]
+        assert all(fn._cache_size() <= 1 for fn in fused.jitted.values())  # one compile each
+        assert per_epoch[1] == per_epoch[-1]  # nothing compiles after the second epoch
     assert dispatch_sizes(50) == [50, 8, 1]
-    assert all(fn._cache_size() <= 1 for fn in fused.jitted.values())  # one compile each
-    assert per_epoch[1] == per_epoch[-1]  # nothing compiles after the second epoch
 
 
 def test_validation_and_checkpoint_cadences_hit_the_same_steps(tmp_path):
@@ -121,7 +131,7 @@ def test_a_callback_not_declared_fusion_safe_forces_one_step_and_is_named():
         def on_train_batch_end(self, engine, outputs, batch, batch_idx): ...
 
     engine, *_ = fit("auto", callbacks=[PerStep()], enable_model_summary=True)
-    assert engine.run.planner.k_max == 1 and engine.run.fused.sizes == [1]
+    assert engine.run.planner.k_max == 1 and engine.run.fused.programs == [1]
     summary = next(cb for cb in engine.callbacks if type(cb).__name__ == "ModelSummary")
     assert "PerStep" in summary.text and "1 step per dispatch" in summary.text
 
@@ -185,7 +195,7 @@ def test_accumulation_and_clipping_run_per_optimizer_step_inside_a_dispatch():
         for spd in (1, "auto")
     ]
     assert runs[1][0].run.device_data is None  # accumulation feeds stacked host windows
-    assert runs[1][0].run.fused.sizes != [1]
+    assert runs[1][0].run.fused.programs != [1]
     assert_same(*runs)
 
 

@@ -8,9 +8,10 @@ from flax import nnx
 
 import meshfit
 from meshfit import Engine
-from meshfit.callbacks import EMA, Callback, ModelCheckpoint
-from meshfit.strategies import FSDP
+from meshfit.callbacks import EMA, Callback, GradientAccumulation, ModelCheckpoint
+from meshfit.strategies import FSDP, Pipeline
 from tests.models import MLP, classification_data, quiet
+from tests.strategies.test_pipeline import DATA, StackNet
 
 
 class LossMLP(MLP):
@@ -175,7 +176,9 @@ def test_use_for_eval_validates_tests_and_predicts_with_the_average(tmp_path):
 def test_use_for_eval_false_evaluates_the_trained_weights():
     x, y = classification_data(n=320, seed=1)
     engine, module = fit([EMA(decay=0.8, use_for_eval=False)], val_data=(x, y))
-    trained = Engine(strategy="single", max_steps=1, **quiet()).validate(with_weights(engine.state.params), (x, y))["val_loss"]
+    trained = Engine(strategy="single", max_steps=1, **quiet()).validate(
+        with_weights(engine.state.params), (x, y)
+    )["val_loss"]
     assert engine.callback_metrics["val_loss"] == pytest.approx(trained, abs=1e-6)
     np.testing.assert_allclose(engine.predict(module, x), module(x), atol=1e-6)
 
@@ -200,7 +203,9 @@ def test_save_and_load_weights_with_ema_round_trip(tmp_path):
         got = flat(nnx.state(loaded, nnx.Param))
         assert all(np.array_equal(a, b) for a, b in zip(got, ema, strict=True)), (path, kwargs)
     trained = flat(nnx.state(meshfit.load_weights(LossMLP(nnx.Rngs(7)), tmp_path / "trained")))
-    assert all(np.array_equal(a, b) for a, b in zip(trained, flat(engine.state.params), strict=True))
+    assert all(
+        np.array_equal(a, b) for a, b in zip(trained, flat(engine.state.params), strict=True)
+    )
     with pytest.raises(meshfit.CheckpointError, match="holds trained weights, not a moving"):
         meshfit.load_weights(LossMLP(nnx.Rngs(7)), tmp_path / "trained", ema=True)
     with pytest.raises(meshfit.CheckpointError, match="engine that fitted it"):
@@ -236,3 +241,23 @@ def test_two_ema_callbacks_fail_before_compiling():
     with pytest.raises(ValueError, match="2 EMA callbacks"):
         engine.fit(MLP(nnx.Rngs(0)), classification_data(n=64))
     assert engine.compiled_step is None
+
+
+def test_pipeline_keeps_the_average_on_the_stages_like_the_stacked_params():
+    engine = Engine(
+        strategy=Pipeline(stages=4, microbatches=2), devices=4, max_steps=3, batch_size=32,
+        callbacks=[EMA(decay=0.5)], **quiet(),
+    )  # fmt: skip
+    engine.fit(StackNet(nnx.Rngs(0)), DATA)
+    specs = lambda t: [x.sharding.spec for x in jax.tree.leaves(t)]  # noqa: E731
+    assert specs(ema_of(engine)) == specs(engine.state.params)
+    assert any("stage" in str(s) for s in specs(ema_of(engine)))
+
+
+def test_gradient_accumulation_averages_once_per_optimizer_update():
+    record = RecordParams()
+    engine, _ = fit([record, GradientAccumulation(steps=2), EMA(decay=0.8)], steps=6,
+                    steps_per_dispatch=1)  # fmt: skip
+    assert int(engine.state.extra["EMA"]["count"]) == int(engine.state.step) == 6
+    for a, b in zip(flat(ema_of(engine)), reference(record.params, record.steps, 0.8), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)

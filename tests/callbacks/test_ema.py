@@ -97,6 +97,7 @@ def test_ema_matches_a_numpy_reference_over_20_steps(start_step):
             assert all(np.array_equal(a, b) for a, b in zip(ema, record.params[i + 1]))
 
 
+@pytest.mark.filterwarnings("ignore:.*non-finite loss:RuntimeWarning")
 def test_skipped_updates_skip_the_average():
     x, y = classification_data(n=320)
     x = x.copy()

@@ -5,6 +5,7 @@ from meshfit.callbacks.checkpoint import ModelCheckpoint
 from meshfit.callbacks.csv_logger import CSVLogger
 from meshfit.callbacks.device_stats import DeviceStatsMonitor
 from meshfit.callbacks.early_stopping import EarlyStopping
+from meshfit.callbacks.ema import EMA
 from meshfit.callbacks.logger import Logger
 from meshfit.callbacks.loss_scaling import DynamicLossScaling
 from meshfit.callbacks.lr_monitor import LearningRateMonitor
@@ -20,6 +21,7 @@ from meshfit.callbacks.wandb_logger import WandbLogger
 from meshfit.engine.hooks import Callback, StepTransform, all_finite
 
 __all__ = [
+    "EMA",
     "CSVLogger",
     "Callback",
     "DeviceStatsMonitor",

@@ -31,7 +31,7 @@ from meshfit.engine.processes import distributed
 from meshfit.engine.run.evaluate import EvalRun
 from meshfit.engine.run.fit import FitRun, resolve_checkpoint
 from meshfit.engine.run.hooks import HookTable
-from meshfit.engine.run.load import load_checkpoint_weights
+from meshfit.engine.run.load import checkpoint_eval_states, load_checkpoint_weights
 from meshfit.engine.run.predict import PredictRun
 from meshfit.engine.run.test import TestRun
 from meshfit.engine.run.timing import PhaseTimer
@@ -385,9 +385,13 @@ class Engine:
         if self.strategy is None:
             self.strategy = resolve_strategy(self.config.strategy, len(self.devices))
             self.strategy.setup(self.devices)
+        extra = None  # transform states (e.g. an EMA) that evaluation may use
         if ckpt_path is not None:
-            load_checkpoint_weights(self, module, ckpt_path, what)
-        run = self.run = cls.for_module(self, module, self.strategy)
+            path = load_checkpoint_weights(self, module, ckpt_path, what)
+            extra = checkpoint_eval_states(self.transforms, module, path)
+        elif self.run is not None and module is self.module and not self.run.live.deleted():
+            extra = self.run.state.extra  # the fitted module: evaluate as its run would
+        run = self.run = cls.for_module(self, module, self.strategy, extra)
         run.module = module
         return run
 

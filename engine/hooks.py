@@ -158,6 +158,8 @@ class StepTransform(Callback):
              -> process_grads (unscale, finiteness) -> skip-if-not-ok -> optimizer
              -> after_update (e.g. a moving average of the new parameters)
 
+    Outside the step, `eval_params` may hand evaluation other weights than the trained ones.
+
     Its state, from `init(params)`, lives in `engine.state.extra[self.state_key]`, so it is
     donated, sharded, checkpointed and restored with everything else. A transform keeps no
     reference to the engine: what it needs at trace time comes as a `StepContext`.
@@ -195,6 +197,11 @@ class StepTransform(Callback):
     def metrics(self, state: Any) -> dict[str, jax.Array]:
         """Values logged every step from the transform's new state."""
         return {}
+
+    def eval_params(self, state: Any, params: Any) -> Any:
+        """The parameters validation, test and predict use, given this transform's state and
+        the trained parameters (e.g. a moving average of them); by default the trained ones."""
+        return params
 
 
 def all_finite(tree: Any) -> jax.Array:

@@ -3,6 +3,7 @@
 This package only re-exports the public names; the code lives in `meshfit.engine`,
 `meshfit.callbacks` and `meshfit.strategies`."""
 
+from meshfit.callbacks.ema import EMA
 from meshfit.engine.batch_size import BatchSizeEstimate, find_batch_size
 from meshfit.engine.checkpoint.format import CheckpointError
 from meshfit.engine.checkpoint.preemption import PREEMPTED_EXIT_CODE, Preempted
@@ -16,6 +17,7 @@ from meshfit.engine.stack import Stack
 from meshfit.engine.state import TrainState
 
 __all__ = [
+    "EMA",
     "PREEMPTED_EXIT_CODE",
     "BatchSizeEstimate",
     "CheckpointError",

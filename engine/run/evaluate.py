@@ -50,10 +50,13 @@ class EvalRun:
         self.val_loader: Any = None
 
     @classmethod
-    def for_module(cls, engine: Any, module: nnx.Module, strategy: Strategy) -> EvalRun:
-        """A run over `module`'s own weights (no optimizer state), laid out by `strategy`."""
+    def for_module(
+        cls, engine: Any, module: nnx.Module, strategy: Strategy, extra: dict | None = None
+    ) -> EvalRun:
+        """A run over `module`'s own weights (no optimizer state), laid out by `strategy`;
+        `extra`: in-step transform states to evaluate with (see `eval_params`)."""
         graphdef, params, rest = split_module(module)
-        state = TrainState(jnp.zeros((), jnp.int32), params, rest, (), {})
+        state = TrainState(jnp.zeros((), jnp.int32), params, rest, (), dict(extra or {}))
         layout = strategy.layout(jax.eval_shape(lambda s: s, state))
         state = jax.device_put(state, layout.shardings, may_alias=False)
         return cls(engine, strategy, graphdef, LiveState(state), layout)
@@ -61,6 +64,16 @@ class EvalRun:
     @property
     def state(self) -> TrainState:
         return self.live.tree
+
+    def eval_params(self) -> Any:
+        """The parameters evaluation uses: the trained ones, unless an in-step transform whose
+        state this run holds provides others (`StepTransform.eval_params`, e.g. `EMA`)."""
+        state = self.state
+        params = state.params
+        for t in self.engine.transforms:
+            if t.state_key in state.extra:
+                params = t.eval_params(state.extra[t.state_key], params)
+        return params
 
     def log(self, metrics: dict[str, float]) -> None:
         """Make `metrics` the latest values and hand them to every `on_log` consumer."""
@@ -78,7 +91,7 @@ class EvalRun:
             return set()
         state = self.state
         return set(
-            jax.eval_shape(self.eval_step, state.params, state.rest, self.placer.place(first))
+            jax.eval_shape(self.eval_step, self.eval_params(), state.rest, self.placer.place(first))
         )
 
     def validation_pass(self, loader: Any) -> dict[str, float]:
@@ -89,7 +102,7 @@ class EvalRun:
         window = MetricWindow(self.val_meta)
         in_flight = InFlight(self.in_flight_limit)
         on_device = self.placer.prefetch(loader.epoch(0, 0, self.placer.rows_for))
-        params, rest = self.state.params, self.state.rest
+        params, rest = self.eval_params(), self.state.rest
         for batch, rows in on_device:
             outputs = self.eval_step(params, rest, batch)
             on_device.refill()

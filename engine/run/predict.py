@@ -93,13 +93,14 @@ class PredictRun(EvalRun):
         results: list[Any] = []
         pending: collections.deque = collections.deque()
         step, first = None, None
+        params = self.eval_params()
         for i, padded in enumerate(batches):
             if first is None:
                 first = padded.host.local
                 step = self._compile_for(padded)
             else:
                 check_same_structure(first, padded.host.local, i)
-            out = step(self.state.params, self.state.rest, self.placer.place(padded.host))
+            out = step(params, self.state.rest, self.placer.place(padded.host))
             pending.append((i, padded, out))
             if len(pending) > 1:  # the host copies of batch i-1 overlap batch i on the device
                 self._finish(*pending.popleft(), results, return_predictions, want_local)
@@ -124,7 +125,7 @@ class PredictRun(EvalRun):
             lambda x: jax.ShapeDtypeStruct((rows, *np.shape(x)[1:]), np.asarray(x).dtype),
             padded.host.local,
         )
-        params, rest = self.state.params, self.state.rest
+        params, rest = self.eval_params(), self.state.rest
         out = trace_or_explain(step, "predict_step", params, rest, abstract_batch)
         check_rows(out, rows)
         shardings = jax.tree.map(lambda x: self.strategy.batch_sharding(x.ndim), out)

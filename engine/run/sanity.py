@@ -21,7 +21,7 @@ def sanity_check(run: Any, steps: int) -> None:
     loader = run.val_loader
     if not steps or loader is None or _one_shot(loader):
         return
-    params, rest = run.state.params, run.state.rest
+    params, rest = run.eval_params(), run.state.rest
     try:
         for batch in itertools.islice(loader.epoch(0, 0, run.placer.rows_for), steps):
             jax.block_until_ready(run.eval_step(params, rest, run.placer.place(batch)))

@@ -54,7 +54,7 @@ class TestRun(EvalRun):
         window = MetricWindow(self.test_meta)
         in_flight = InFlight(self.in_flight_limit)
         on_device = self.placer.prefetch(loader.epoch(0, 0, self.placer.rows_for))
-        params, rest = self.state.params, self.state.rest
+        params, rest = self.eval_params(), self.state.rest
         batch_hook = hooks.has("on_test_batch_end")
         for i, (batch, rows) in enumerate(on_device):
             if i == 0:

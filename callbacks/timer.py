@@ -17,8 +17,9 @@ if TYPE_CHECKING:
 
 
 class Timer(Callback):
-    """Sets `engine.should_stop` at the first step boundary after `duration` of fit wall time
-    (counted from the start of `fit`, compilation included).
+    """Sets `engine.should_stop` at the first step boundary after `duration` of training wall
+    time, counted from `on_fit_start` (as Lightning's, from the start of training: after the
+    first step is compiled, before the sanity check; later compiles and validation count).
 
     `duration`: "DD:HH:MM:SS", a `datetime.timedelta` or a dict of days / hours / minutes /
     seconds. With several processes, process 0's clock decides and is shared every 10 steps
@@ -37,18 +38,19 @@ class Timer(Callback):
             raise ValueError("Timer(duration=None): give a duration, e.g. '00:01:00:00'.")
         self.duration = delta
         self.stopped_step: int | None = None  # where the limit stopped the last fit
+        self.stopped_after: float | None = None  # seconds of training when it stopped
         self._clock: SaveClock | None = None
         self._t0: float | None = None  # when the current fit started
         self._start: tuple[float, int] | None = None  # (time, step) of the first check
         self._step_seconds: float | None = None
 
-    def setup(self, engine: Engine) -> None:
+    def on_fit_start(self, engine: Engine) -> None:
         self._clock = SaveClock(self.duration.total_seconds())  # counts from now
         self._t0 = time.monotonic()
-        self.stopped_step, self._start, self._step_seconds = None, None, None
+        self.stopped_step = self.stopped_after = self._start = self._step_seconds = None
 
     def time_elapsed(self) -> float:
-        """Seconds since the start of the current (or last) fit."""
+        """Seconds since the current (or last) fit started training (`on_fit_start`)."""
         return 0.0 if self._t0 is None else time.monotonic() - self._t0
 
     def time_remaining(self) -> float:
@@ -71,10 +73,11 @@ class Timer(Callback):
         if self._clock is not None and self._clock.due(step) and not engine.should_stop:
             engine.should_stop = True
             self.stopped_step = engine.dispatch_end_step or step  # the dispatch ends the fit
+            self.stopped_after = self.time_elapsed()
             if engine.is_global_zero:
                 print(
                     f"[meshfit] max_time {self.duration} reached after "
-                    f"{self.time_elapsed():.1f} s: stopping at step {self.stopped_step}.",
+                    f"{self.stopped_after:.2f} s: stopping at step {self.stopped_step}.",
                     flush=True,
                 )
 

@@ -92,7 +92,8 @@ class Engine:
             validation off. The sanity check runs at most limit_val_batches batches.
         overfit_batches: N (or a fraction): train on the first N training batches, unshuffled,
             in every epoch, and validate on those same batches (val_data is not used).
-        max_time: stop at the first step boundary after this much wall time of fit:
+        max_time: stop at the first step boundary after this much training wall time (from
+            on_fit_start, as Lightning's):
             "DD:HH:MM:SS", a `timedelta` or a dict (days/hours/minutes/seconds). Adds a
             `Timer`; a ModelCheckpoint (save_last) saves the step it stops at.
         check_val_every_n_epoch: validate at the end of every n-th epoch (when

@@ -30,7 +30,7 @@ def check_batch_limit(name: str, value: Any, allow_zero: bool) -> None:
     low = 0 if allow_zero else 1
     if _is_int(value) and value >= low:
         return
-    if _is_float(value) and (0.0 <= value if allow_zero else 0.0 < value) and value <= 1.0:
+    if _is_float(value) and (value >= 0.0 if allow_zero else value > 0.0) and value <= 1.0:
         return
     zero = " (0 or 0.0 turns it off)" if allow_zero else ""
     raise ValueError(

@@ -347,4 +347,3 @@ def resolve_checkpoint(engine: Any, ckpt_path: str | os.PathLike) -> tuple[str, 
             directory = resolved(engine)
             break
     return find.resolve(ckpt_path, directory, root)
-

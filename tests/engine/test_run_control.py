@@ -104,12 +104,14 @@ def test_limit_train_batches_ends_each_epoch_after_that_many_batches(limit, per_
 
 
 def test_limited_epochs_take_each_epochs_first_batches_reshuffled_same_under_auto_and_1():
+    """Bitwise the same under steps_per_dispatch='auto' and 1, data on the device or not."""
     x, y = classification_data(n=512)
     runs = {
         spd: params(fit(limit_train_batches=5, max_epochs=3, spd=spd)[2]) for spd in ("auto", 1)
     }
-    for a, b in zip(runs["auto"], runs[1]):
-        assert np.array_equal(a, b)
+    host = params(fit(limit_train_batches=5, max_epochs=3, data_on_device=False)[2])
+    for a, b, c in zip(runs["auto"], runs[1], host):
+        assert np.array_equal(a, b) and np.array_equal(a, c)  # data on the device or not
     # the same 15 steps by hand: the first 5 batches of each epoch's permutation, in order
     batches = []
     for epoch in range(3):
@@ -161,12 +163,14 @@ def test_check_val_every_n_epoch_validates_every_nth_epoch(spd):
     assert rec.validations == [4]
 
 
-@pytest.mark.parametrize("spd", ["auto", 1])
-def test_overfit_batches_trains_and_validates_on_the_same_first_batches(spd):
+@pytest.mark.parametrize("spd, on_device", [("auto", "auto"), (1, False)])
+def test_overfit_batches_trains_and_validates_on_the_same_first_batches(spd, on_device):
     x, y = classification_data(n=512)
     engine, rec, module, rows = fit(
-        val=VAL, spd=spd, overfit_batches=2, max_epochs=4, num_sanity_val_steps=0
-    )
+        val=VAL, spd=spd, overfit_batches=2, max_epochs=4, num_sanity_val_steps=0,
+        data_on_device=on_device,
+    )  # fmt: skip
+    assert engine.data_on_device_active == (on_device == "auto")
     assert engine.global_step == 8 and rec.epoch_ends == [2, 4, 6, 8]
     assert rows == [B, B] * 4  # each pass: the 2 training batches, not the 4 of VAL
     # the same two unshuffled batches in every epoch: equal to a fit over them, by hand

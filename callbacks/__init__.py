@@ -17,6 +17,7 @@ from meshfit.callbacks.progress import ProgressBar
 from meshfit.callbacks.summary import ModelSummary
 from meshfit.callbacks.tensorboard import TensorBoardLogger
 from meshfit.callbacks.throughput import Throughput
+from meshfit.callbacks.timer import Timer
 from meshfit.callbacks.wandb_logger import WandbLogger
 from meshfit.engine.hooks import Callback, StepTransform, all_finite
 
@@ -40,6 +41,7 @@ __all__ = [
     "StepTransform",
     "TensorBoardLogger",
     "Throughput",
+    "Timer",
     "WandbLogger",
     "all_finite",
     "read_predictions",

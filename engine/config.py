@@ -6,11 +6,13 @@ what is expected, and how to fix it.
 
 from __future__ import annotations
 
+import datetime
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+from meshfit.engine import limits
 from meshfit.engine.hooks import Callback
 from meshfit.engine.step.build import PRECISIONS
 from meshfit.strategies import Strategy, available_strategies
@@ -53,12 +55,21 @@ class EngineConfig:
     num_sanity_val_steps: int = 2
     steps_per_dispatch: int | str = "auto"
     data_on_device: bool | str = "auto"
+    fast_dev_run: bool | int = False
+    limit_train_batches: int | float | None = None
+    limit_val_batches: int | float | None = None
+    overfit_batches: int | float = 0
+    max_time: str | datetime.timedelta | dict[str, float] | None = None
+    check_val_every_n_epoch: int | None = 1
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
         set_("callbacks", tuple(self.callbacks or ()))
         set_("default_root_dir", os.fspath(self.default_root_dir))
         self._check_strategy()
+        fast_dev = limits.fast_dev_batches(self.fast_dev_run)
+        for name, value in (limits.fast_dev_overrides(fast_dev) if fast_dev else {}).items():
+            set_(name, value)  # Lightning's fast_dev_run: these settings are replaced
         if self.max_epochs is None and self.max_steps is None:
             raise ValueError(
                 "Engine needs a stopping point: both max_epochs and max_steps are unset. "
@@ -110,6 +121,11 @@ class EngineConfig:
                 f"data_on_device={self.data_on_device!r}: use 'auto' (NumPy training data "
                 "within the budget goes to the device once), True or False."
             )
+        limits.check_batch_limit("limit_train_batches", self.limit_train_batches, False)
+        limits.check_batch_limit("limit_val_batches", self.limit_val_batches, True)
+        limits.check_overfit_batches(self.overfit_batches)
+        limits.max_time_delta(self.max_time)
+        limits.check_val_epochs(self.check_val_every_n_epoch, self.val_every_n_steps)
         for cb in self.callbacks:
             if not isinstance(cb, Callback):
                 raise TypeError(f"callbacks must be Callback instances, got {type(cb).__name__}.")

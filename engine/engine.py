@@ -7,6 +7,7 @@ that owns everything live, and exposes what callbacks and users read: counters, 
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 from collections.abc import Sequence
@@ -15,11 +16,13 @@ from typing import Any
 import jax
 from flax import nnx
 
+from meshfit.callbacks.checkpoint import ModelCheckpoint
 from meshfit.callbacks.logger import Logger, resolve_loggers
 from meshfit.callbacks.nan_guard import default_nan_guard
 from meshfit.callbacks.progress import ProgressBar
 from meshfit.callbacks.summary import default_model_summary
 from meshfit.callbacks.tensorboard import TensorBoardLogger
+from meshfit.callbacks.timer import Timer
 from meshfit.engine import compile_cache
 from meshfit.engine.config import EngineConfig
 from meshfit.engine.data import make_loader
@@ -81,6 +84,20 @@ class Engine:
             epoch's permutation applied on the device). "auto": when it fits the budget (a
             quarter of the device memory where `memory_stats()` reports it, 1 GiB on CPU),
             single-process, without gradient accumulation; True insists (or errors).
+        fast_dev_run: True (1) or N: N training batches and N validation batches (validation
+            once, at the end), no sanity check, no checkpoints (ModelCheckpoint is dropped) and
+            no loggers, then stop. Replaces max_steps, max_epochs and the limits below.
+        limit_train_batches / limit_val_batches: batches per epoch / per validation pass: an
+            int, or a float fraction of them; None: all. `limit_val_batches=0` turns
+            validation off. The sanity check runs at most limit_val_batches batches.
+        overfit_batches: N (or a fraction): train on the first N training batches, unshuffled,
+            in every epoch, and validate on those same batches (val_data is not used).
+        max_time: stop at the first step boundary after this much training wall time (from
+            on_fit_start, as Lightning's):
+            "DD:HH:MM:SS", a `timedelta` or a dict (days/hours/minutes/seconds). Adds a
+            `Timer`; a ModelCheckpoint (save_last) saves the step it stops at.
+        check_val_every_n_epoch: validate at the end of every n-th epoch (when
+            val_every_n_steps is unset); None: only every val_every_n_steps.
     """
 
     def __init__(
@@ -108,6 +125,12 @@ class Engine:
         num_sanity_val_steps: int = 2,
         steps_per_dispatch: int | str = "auto",
         data_on_device: bool | str = "auto",
+        fast_dev_run: bool | int = False,
+        limit_train_batches: int | float | None = None,
+        limit_val_batches: int | float | None = None,
+        overfit_batches: int | float = 0,
+        max_time: str | datetime.timedelta | dict[str, float] | None = None,
+        check_val_every_n_epoch: int | None = 1,
     ):
         args = {name: value for name, value in locals().items() if name != "self"}
         self.config = EngineConfig(**args)  # every argument, checked before anything compiles
@@ -425,9 +448,13 @@ def _resolve_devices(devices: int | Sequence[Any] | None) -> list[Any]:
 
 
 def _with_defaults(config: EngineConfig) -> list[Callback]:
-    """The user's callbacks plus the defaults: progress bar, logger, NaN guard, model summary;
-    checkpointing callbacks (`run_last`) last, so they save what the others updated."""
+    """The user's callbacks plus the defaults: timer (max_time), progress bar, logger, NaN guard,
+    model summary (under fast_dev_run, without loggers and ModelCheckpoint); checkpointing callbacks (`run_last`) last, so they save what the others updated."""
     callbacks = list(config.callbacks)
+    if config.fast_dev_run:  # Lightning's: nothing is written (config.logger is False too)
+        callbacks = [cb for cb in callbacks if not isinstance(cb, Logger | ModelCheckpoint)]
+    if config.max_time is not None and not any(isinstance(cb, Timer) for cb in callbacks):
+        callbacks.append(Timer(config.max_time))
     if config.enable_progress_bar and not any(isinstance(cb, ProgressBar) for cb in callbacks):
         callbacks.append(ProgressBar())
     loggers = resolve_loggers(config.logger)

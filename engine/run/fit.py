@@ -27,6 +27,7 @@ from meshfit.engine.hardware import hardware_report
 from meshfit.engine.hooks import overridden_hooks
 from meshfit.engine.module import MetricMeta
 from meshfit.engine.processes import distributed
+from meshfit.engine.run import control
 from meshfit.engine.run.device_metrics import DeviceMetrics
 from meshfit.engine.run.dispatch import DispatchPlanner, StepOutputs, fusion_blockers, replay
 from meshfit.engine.run.evaluate import EvalRun
@@ -58,9 +59,11 @@ class FitRun(EvalRun):
         super().__init__(engine, strategy, plan.graphdef, LiveState(state), plan.layout)
         strategy.check_batch_size(config.batch_size)
         self.micro_batches = engine.micro_batches  # one step = this many batches (accumulation)
-        self.train_loader = self._loader(train_data, "train_data", train=True)
-        self.val_loader = None if val_data is None else self._loader(val_data, "val_data")
-        engine.num_training_batches = _length(self.train_loader)
+        # limit_*_batches / overfit_batches / fast_dev_run: shorter epochs, fewer val batches
+        self.train_loader, self.val_loader, engine.num_training_batches = control.fit_loaders(
+            config, self._loader, train_data, val_data, self.micro_batches
+        )
+        control.announce(config, engine.num_training_batches, self.val_loader, val_data)
         # restored before the first batch is read, so reading starts where the run stopped
         meta = self.restore(found) if found is not None else {}
         self.batch_example = self._example_batch()
@@ -314,7 +317,9 @@ class FitRun(EvalRun):
                 "iterator is exhausted after one epoch: pass a re-iterable (a list, or an "
                 "object whose __iter__ starts over) or stop with max_steps."
             )
-        validate_at_end = self.val_loader is not None and self.config.val_every_n_steps is None
+        validate_at_end = control.validates_at_epoch_end(
+            self.config, self.val_loader, engine.current_epoch
+        )
         if validate_at_end or (exhausted and self.epoch_end_reads):
             self.log_window()  # waits for the device: only when something reads the values
         if validate_at_end:  # at the epoch's end, or stopped mid-epoch: still report it
@@ -355,11 +360,3 @@ def resolve_checkpoint(engine: Any, ckpt_path: str | os.PathLike) -> tuple[str, 
             directory = resolved(engine)
             break
     return find.resolve(ckpt_path, directory, root)
-
-
-def _length(loader: Any) -> int | None:
-    """Batches per epoch, or None for an iterable without a length."""
-    try:
-        return len(loader)
-    except TypeError:
-        return None

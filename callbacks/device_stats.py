@@ -32,6 +32,7 @@ class DeviceStatsMonitor(Callback):
     """
 
     fusion_safe = True  # its batch hooks are right when replayed after a fused dispatch
+    observes_only = True  # its log and batch-end hooks never steer the run
 
     def __init__(self) -> None:
         self.last: dict[str, float] = {}

@@ -67,6 +67,7 @@ class Logger(Callback):
     own directory; both are known once the run is open.
     """
 
+    observes_only = True  # writing logs never steers the run
     #: ModelCheckpoint calls `log_checkpoint(path)` after each committed save when True.
     log_checkpoints: bool = False
     #: Write buffered logs at most this often, in seconds (0: at the first chance after each

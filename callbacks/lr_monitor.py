@@ -41,6 +41,7 @@ class LearningRateMonitor(Callback):
     """
 
     fusion_safe = True  # its batch hooks are right when replayed after a fused dispatch
+    observes_only = True  # its log and batch-end hooks never steer the run
 
     def __init__(self, schedule: Callable[[int], Any] | None = None, name: str = "lr"):
         if schedule is not None and not callable(schedule):

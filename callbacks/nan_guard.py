@@ -39,6 +39,10 @@ class NanGuard(StepTransform):
     more pass over all of them (~10% of a small model's step on CPU), so it is opt-in.
     """
 
+    # Its log check may run one dispatch late: the skipped updates keep the state good and
+    # the guard's state names the first bad step.
+    observes_only = True
+
     def __init__(self, mode: str = "error", check_grads: bool = False):
         if mode not in ("error", "warn"):
             raise ValueError(f"NanGuard(mode={mode!r}): use 'error' (stop training) or 'warn'.")

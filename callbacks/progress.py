@@ -24,6 +24,7 @@ class ProgressBar(Callback):
     line, the model summary, a logger's banner) comes before it rather than through it."""
 
     fusion_safe = True  # its batch hooks are right when replayed after a fused dispatch
+    observes_only = True  # its log and batch-end hooks never steer the run
 
     def __init__(self, refresh_rate: float = 0.2, leave: bool = True, file: Any = None):
         self.refresh_rate, self.leave, self.file = refresh_rate, leave, file

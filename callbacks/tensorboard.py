@@ -24,6 +24,7 @@ class TensorBoardLogger(Logger):
     """
 
     fusion_safe = True  # its batch hooks are right when replayed after a fused dispatch
+    observes_only = True  # its log and batch-end hooks never steer the run
     epoch_end_reads_metrics = False  # its epoch end only writes what was logged already
 
     def __init__(self, save_dir: str | None = None, flush_secs: int = 30):

@@ -67,6 +67,7 @@ class Throughput(Callback):
     """
 
     fusion_safe = True  # its batch hooks are right when replayed after a fused dispatch
+    observes_only = True  # its log and batch-end hooks never steer the run
 
     def __init__(self, flops_per_step: float | None = None, peak_flops: float | None = None):
         for name, value in (("flops_per_step", flops_per_step), ("peak_flops", peak_flops)):

@@ -75,6 +75,10 @@ class Callback:
     #: An `on_train_epoch_end` override reads the epoch's metrics (the engine then logs the
     #: training window at each epoch's end, which waits for the device); False if it does not.
     epoch_end_reads_metrics: bool = True
+    #: Its `on_log` and `on_train_batch_end` only observe: they never stop the run, save, or
+    #: change later steps. When every such hook observes only, a log step's host work runs
+    #: once the next dispatch is queued, so the device does not wait for the host at a log.
+    observes_only: bool = False
 
     def next_host_step(self, engine: Engine) -> int | None:
         """The next global step (> engine.global_step) after which this callback must see the

@@ -43,9 +43,16 @@ class DeviceMetrics:
 
     def compute(self) -> dict[str, float]:
         """The reduced metrics of the window (waits for the last dispatch), then start over."""
-        host = jax.device_get(self.acc)
+        return self.detach()()
+
+    def detach(self) -> Any:
+        """Start a new window now; returns a function reading the old one's reduced metrics
+        (the read waits only for the dispatches of the old window)."""
+        acc = self.acc
         self.acc, self.steps = self._fresh(), 0
-        return self._reduce(host)
+        for x in acc.values():
+            x.copy_to_host_async()
+        return lambda: self._reduce(jax.device_get(acc))
 
     def _reduce(self, host: dict[str, Any]) -> dict[str, float]:
         count = float(host[COUNT])

@@ -111,6 +111,12 @@ class FitRun(EvalRun):
             else nnx.merge(plan.graphdef, state.params, state.rest)
         )
         self.compiled_step: Any = None
+        log_hooks = {"on_log", "on_train_batch_end"}
+        self.defer_logs = all(  # a log step's host work may wait for the next dispatch
+            getattr(cb, "observes_only", False)
+            for cb in engine.callbacks
+            if log_hooks & set(overridden_hooks(cb))
+        )
         self.epoch_end_reads = any(  # a callback reads the metrics at each epoch's end
             "on_train_epoch_end" in overridden_hooks(cb)
             and getattr(cb, "epoch_end_reads_metrics", True)
@@ -269,6 +275,7 @@ class FitRun(EvalRun):
                 take = self.feed.epoch(engine, self.first_batches)
                 self.first_batches = None
             exhausted, epoch_start = True, engine.batch_idx
+            pending = None  # a log step's host work, run once the next dispatch is queued
             while True:
                 k = self.planner.next_k(engine, None if n is None else n - engine.batch_idx)
                 xs, k, shapes = take(k) if k else (None, 0, None)
@@ -287,20 +294,34 @@ class FitRun(EvalRun):
                 window.update(acc, k)
                 in_flight.add(per_step, k)
                 timings.switch("data")
+                if pending is not None:  # the last log step's, while this dispatch runs
+                    pending = pending()
                 if end_hooks and k > 1:
                     replay(hooks, engine, "on_train_batch_end", g0, b0, k - 1, shapes, per_step)
-                engine.global_step, engine.batch_idx = g0 + k, b0 + k
-                if engine.global_step % log_every == 0:
+                g = engine.global_step = g0 + k
+                engine.batch_idx = b0 + k
+                end = StepOutputs(per_step, k - 1), shapes, b0 + k - 1
+                validate = validate_mid_epoch and g % val_every == 0
+                preempted = self.preemption.requested(g)
+                stop = engine.should_stop or self.reached_max_steps()
+                if g % log_every == 0:
+                    if self.defer_logs and not (
+                        validate or preempted or stop or (n is not None and b0 + k >= n)
+                    ):
+                        pending = self.deferred_log(end if end_hooks else None)
+                        continue  # nothing else happens at this step
                     self.log_window()
                 if end_hooks:
-                    hooks("on_train_batch_end", StepOutputs(per_step, k - 1), shapes, b0 + k - 1)
-                if validate_mid_epoch and engine.global_step % val_every == 0:
+                    hooks("on_train_batch_end", *end)
+                if validate:
                     self.validation_pass(self.val_loader)
-                if self.preemption.requested(engine.global_step):
+                if preempted:
                     self.checkpoint_and_exit()  # saves, then raises Preempted (exit 75)
                 if engine.should_stop or self.reached_max_steps():
                     exhausted = n is not None and engine.batch_idx >= n
                     break
+            if pending is not None:
+                pending()
             self.end_epoch(exhausted, epoch_start, self.resumed_at_epoch_end)
             self.resumed_at_epoch_end = False
         self.log_window()  # the steps since the last log
@@ -338,6 +359,24 @@ class FitRun(EvalRun):
     def reached_max_steps(self) -> bool:
         max_steps = self.config.max_steps
         return max_steps is not None and self.engine.global_step >= max_steps
+
+    def deferred_log(self, end_hook: tuple | None) -> Any:
+        """This step's log (and batch-end hook), as a function to call once the next dispatch
+        is queued: the window restarts now, its values are read then."""
+        engine = self.engine
+        read, step, batch = self.window.detach(), engine.global_step, engine.batch_idx
+
+        def run() -> None:
+            now = engine.global_step, engine.batch_idx
+            engine.global_step, engine.batch_idx = step, batch
+            with engine.timings.phase("step"):  # reading the metrics waits for the device
+                metrics = read()
+            self.log(metrics)
+            if end_hook is not None:
+                self.hooks("on_train_batch_end", *end_hook)
+            engine.global_step, engine.batch_idx = now
+
+        return run
 
     def log_window(self) -> None:
         if len(self.window):

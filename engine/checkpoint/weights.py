@@ -7,18 +7,22 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from meshfit.engine.checkpoint.damage import reading
 from meshfit.engine.checkpoint.format import (
     CheckpointError,
     abstract_like,
     is_step_dir,
     read_meta,
     reader,
+    saved_shapes,
     train_metadata,
     tree_mismatches,
 )
+from meshfit.engine.checkpoint.packing import unpack
 from meshfit.engine.checkpoint.restore import restore_args
 from meshfit.engine.trees import flat_shapes
 
@@ -38,7 +42,8 @@ def save_weights(module: nnx.Module, path: str | os.PathLike) -> str:
 def load_weights(module: nnx.Module, path: str | os.PathLike) -> nnx.Module:
     """Load parameters into `module` in place, from `save_weights` output or a training
     checkpoint (a step directory, or a checkpoint directory: its newest step). Arrays land with
-    the layout `module`'s parameters already have. Returns `module`."""
+    the layout `module`'s parameters already have; the module changes only after a complete
+    read (a damaged checkpoint raises `DamagedCheckpoint` naming it). Returns `module`."""
     path = os.path.abspath(os.fspath(path))
     if not os.path.exists(path):
         raise CheckpointError(
@@ -48,6 +53,7 @@ def load_weights(module: nnx.Module, path: str | os.PathLike) -> nnx.Module:
     target = nnx.state(module, nnx.Param)
     expected = flat_shapes(target)
     restore_fn: Callable[[Any], Any]
+    where = path  # the directory read, for errors
     if is_step_dir(path) or (os.path.isdir(path) and reader(path).all_steps()):
         directory, step = (
             (os.path.dirname(path), int(os.path.basename(path)))
@@ -55,16 +61,22 @@ def load_weights(module: nnx.Module, path: str | os.PathLike) -> nnx.Module:
             else (path, max(reader(path).all_steps()))
         )
         manager = reader(directory)
-        read_meta(manager, step)  # the format check
-        saved = flat_shapes(train_metadata(manager, step)["params"])
+        where = os.path.join(directory, str(step))
+        with reading(where):
+            meta = read_meta(manager, step)  # and the format check
+            saved = saved_shapes(train_metadata(manager, step), meta, "params")
+        layout = meta.get("packed") or {}
 
-        def restore_fn(abstract):
-            args = restore_args({"params": abstract}, partial=True)
-            return manager.restore(step, args=ocp.args.Composite(train=args))["train"]["params"]
+        def restore_fn(target):
+            abstract = {"params": abstract_like(target)}
+            args = restore_args(abstract, layout, partial=True)
+            restored = manager.restore(step, args=ocp.args.Composite(train=args))["train"]
+            return unpack(restored, abstract, layout)["params"]
 
     else:
         checkpointer = ocp.StandardCheckpointer()
-        saved = flat_shapes(checkpointer.metadata(path).item_metadata)
+        with reading(path):
+            saved = flat_shapes(checkpointer.metadata(path).item_metadata)
 
         def restore_fn(target):
             return checkpointer.restore(path, abstract_like(target))
@@ -76,5 +88,7 @@ def load_weights(module: nnx.Module, path: str | os.PathLike) -> nnx.Module:
             + "\n".join(lines[:20])
             + "\nBuild the module with the configuration it was trained with."
         )
-    nnx.update(module, restore_fn(target))
+    with reading(where):  # into fresh arrays: the module changes only after a complete read
+        weights = jax.block_until_ready(restore_fn(target))
+    nnx.update(module, weights)
     return module

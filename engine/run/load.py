@@ -8,6 +8,7 @@ from typing import Any
 
 from flax import nnx
 
+from meshfit.engine.checkpoint.damage import first_readable
 from meshfit.engine.checkpoint.format import CheckpointError
 from meshfit.engine.checkpoint.weights import load_weights
 from meshfit.engine.run.fit import resolve_checkpoint
@@ -16,14 +17,19 @@ from meshfit.engine.run.fit import resolve_checkpoint
 def load_checkpoint_weights(
     engine: Any, module: nnx.Module, ckpt_path: str | os.PathLike, what: str
 ) -> str:
-    """Load the parameters of the checkpoint `ckpt_path` names into `module`; its step path."""
+    """Load the parameters of the checkpoint `ckpt_path` names into `module`; its step path.
+    "last" skips damaged steps (with a warning) like `fit` does."""
     found = resolve_checkpoint(engine, ckpt_path)
     if found is None:
         raise CheckpointError(
             f"{what}(ckpt_path={os.fspath(ckpt_path)!r}): there is no checkpoint to load yet. "
             "Train with a ModelCheckpoint first, or pass a checkpoint path."
         )
-    directory, step = found
-    path = os.path.join(directory, str(step))
-    load_weights(module, path)
-    return path
+    step, _ = first_readable(
+        found.directory,
+        (found.step, *found.fallback),
+        lambda s: load_weights(module, os.path.join(found.directory, str(s))),
+        fallback=bool(found.fallback),
+        what=what,
+    )
+    return os.path.join(found.directory, str(step))

@@ -19,10 +19,6 @@ class Resume(NamedTuple):
     step: int
     fallback: tuple[int, ...] = ()
 
-    @property
-    def path(self) -> str:
-        return os.path.join(self.directory, str(self.step))
-
 
 def default_dir(root_dir: str) -> str:
     """Where checkpoints go without `ModelCheckpoint(dirpath=...)`: `<root>/checkpoints`."""

@@ -5,7 +5,7 @@ Orbax spends a few milliseconds of Python per array it writes (specs, futures, m
 more than writing a small array's bytes costs, and that time competes with the training step
 (the GIL, and the CPU on a small machine). A replicated or single-device leaf holds the same
 values on every device, so its bytes can be copied to the host and concatenated with the others
-of its dtype: the 23 arrays of a small MLP's adam state become 3. Its place in the tree holds
+of its dtype: the 23 arrays of a small MLP's adam state become 2. Its place in the tree holds
 None (an empty node to orbax) and `layout` (stored in the checkpoint's meta) records where it
 went. Restoring slices it back out and places it with this run's sharding for that leaf.
 Sharded leaves (FSDP, pipeline stages) are saved as before, each process writing its shards,

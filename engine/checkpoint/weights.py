@@ -12,15 +12,18 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from meshfit.engine.checkpoint.damage import reading
 from meshfit.engine.checkpoint.format import (
     CheckpointError,
     abstract_like,
     is_step_dir,
     read_meta,
     reader,
+    saved_shapes,
     train_metadata,
     tree_mismatches,
 )
+from meshfit.engine.checkpoint.packing import unpack
 from meshfit.engine.checkpoint.restore import restore_args
 from meshfit.engine.trees import flat_shapes
 
@@ -87,8 +90,10 @@ def _saved_as_ema(path: str) -> bool:
 def load_weights(module: nnx.Module, path: str | os.PathLike, ema: bool = False) -> nnx.Module:
     """Load parameters into `module` in place, from `save_weights` output or a training
     checkpoint (a step directory, or a checkpoint directory: its newest step). Arrays land with
-    the layout `module`'s parameters already have. `ema=True` loads the moving average of the
-    weights (`EMA` callback) that the checkpoint or weights directory holds. Returns `module`."""
+    the layout `module`'s parameters already have; the module changes only after a complete
+    read (a damaged checkpoint raises `DamagedCheckpoint` naming it). `ema=True` loads the
+    moving average of the weights (`EMA` callback) that the checkpoint or weights directory
+    holds. Returns `module`."""
     path = os.path.abspath(os.fspath(path))
     if not os.path.exists(path):
         raise CheckpointError(
@@ -98,6 +103,7 @@ def load_weights(module: nnx.Module, path: str | os.PathLike, ema: bool = False)
     target = nnx.state(module, nnx.Param)
     expected = flat_shapes(target)
     restore_fn: Callable[[Any], Any]
+    where = path  # the directory read, for errors
     if is_step_dir(path) or (os.path.isdir(path) and reader(path).all_steps()):
         directory, step = (
             (os.path.dirname(path), int(os.path.basename(path)))
@@ -105,18 +111,26 @@ def load_weights(module: nnx.Module, path: str | os.PathLike, ema: bool = False)
             else (path, max(reader(path).all_steps()))
         )
         manager = reader(directory)
-        read_meta(manager, step)  # the format check
-        saved_tree = train_metadata(manager, step)
-        if ema:
-            saved_tree = _ema_metadata(saved_tree, os.path.join(directory, str(step)))
-        saved = flat_shapes(saved_tree["params"])
-
-        def restore_fn(abstract):
-            target = {"params": abstract}
+        where = os.path.join(directory, str(step))
+        with reading(where):
+            meta = read_meta(manager, step)  # and the format check
+            tree = train_metadata(manager, step)
             if ema:
-                target = {"state": {"extra": {EMA_STATE_KEY: target}}}
-            args = restore_args(target, partial=True)
-            out = manager.restore(step, args=ocp.args.Composite(train=args))["train"]
+                _ema_metadata(tree, where)  # a clear error when the run had no EMA
+                prefix = f"extra/{EMA_STATE_KEY}/params/"
+                state = saved_shapes(tree, meta, "state")
+                saved = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            else:
+                saved = saved_shapes(tree, meta, "params")
+        layout = meta.get("packed") or {}
+
+        def restore_fn(target):
+            abstract = {"params": abstract_like(target)}
+            if ema:
+                abstract = {"state": {"extra": {EMA_STATE_KEY: abstract}}}
+            args = restore_args(abstract, layout, partial=True)
+            restored = manager.restore(step, args=ocp.args.Composite(train=args))["train"]
+            out = unpack(restored, abstract, layout)
             return (out["state"]["extra"][EMA_STATE_KEY] if ema else out)["params"]
 
     else:
@@ -127,7 +141,8 @@ def load_weights(module: nnx.Module, path: str | os.PathLike, ema: bool = False)
                 "with ema=False, or pass a training checkpoint of a run with an EMA callback."
             )
         checkpointer = ocp.StandardCheckpointer()
-        saved = flat_shapes(checkpointer.metadata(path).item_metadata)
+        with reading(path):
+            saved = flat_shapes(checkpointer.metadata(path).item_metadata)
 
         def restore_fn(target):
             return checkpointer.restore(path, abstract_like(target))
@@ -139,7 +154,9 @@ def load_weights(module: nnx.Module, path: str | os.PathLike, ema: bool = False)
             + "\n".join(lines[:20])
             + "\nBuild the module with the configuration it was trained with."
         )
-    nnx.update(module, restore_fn(target))
+    with reading(where):  # into fresh arrays: the module changes only after a complete read
+        weights = jax.block_until_ready(restore_fn(target))
+    nnx.update(module, weights)
     return module
 
 

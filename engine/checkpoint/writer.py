@@ -12,6 +12,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as ocp_keep
 
 from meshfit.engine.checkpoint.format import item_handlers, train_item
+from meshfit.engine.checkpoint.packing import pack
 from meshfit.engine.state import TrainState
 
 
@@ -85,17 +86,19 @@ class CheckpointWriter:
         self, step: int, state: TrainState, meta: dict[str, Any], score: float | None = None
     ) -> bool:
         """Start an async save of `state` and `meta` as `step`. Returns False when that step is
-        already saved. Blocks only for the device->host copy (and a previous save)."""
+        already saved. Blocks only for the device->host copy (and a previous save); the small
+        replicated leaves are packed (`packing.py`), their layout goes into the meta."""
         step = int(step)
         if step in self.manager.all_steps():
             return False
-        arrays = train_item(state)
+        t0 = time.perf_counter()
+        arrays, layout = pack(train_item(state))
+        meta = {**meta, "packed": layout}
         metrics = None
         if self.monitor is not None:
             meta = {**meta, "monitor": {"name": self.monitor, "mode": self.mode, "score": score}}
             if score is not None and math.isfinite(score):
                 metrics = {"score": float(score)}
-        t0 = time.perf_counter()
         self.manager.save(
             step,
             args=ocp.args.Composite(

@@ -51,7 +51,7 @@ class FitRun(EvalRun):
         module: ModuleOrFactory,
         train_data: Any,
         val_data: Any,
-        found: tuple[str, int] | None = None,
+        found: find.Resume | None = None,
     ):
         """`found`: the checkpoint to resume from (see `resolve_checkpoint`)."""
         strategy, config = engine.strategy, engine.config
@@ -192,7 +192,7 @@ class FitRun(EvalRun):
         )
         return state, meta
 
-    def restore(self, found: tuple[str, int]) -> dict[str, Any]:
+    def restore(self, found: find.Resume) -> dict[str, Any]:
         """Load a checkpoint: the state (resharded onto this run's layout), the data position
         and the loader's state, the callback states, the latest metrics. Returns its meta (the
         unlogged metric window is loaded once the window exists)."""
@@ -389,8 +389,8 @@ class FitRun(EvalRun):
         return set(self.train_meta) | (set(self.window.acc) - {COUNT})
 
 
-def resolve_checkpoint(engine: Any, ckpt_path: str | os.PathLike) -> tuple[str, int] | None:
-    """(directory, step) for `fit(ckpt_path=...)`, among the checkpoints this engine writes."""
+def resolve_checkpoint(engine: Any, ckpt_path: str | os.PathLike) -> find.Resume | None:
+    """Where `fit(ckpt_path=...)` reads, among the checkpoints this engine writes."""
     root = engine.config.default_root_dir
     directory = find.default_dir(root)
     for cb in engine.callbacks:

@@ -10,7 +10,15 @@ from typing import Any
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from meshfit.engine.checkpoint.format import CheckpointError, reader, train_metadata
+from meshfit.engine.checkpoint.damage import first_readable
+from meshfit.engine.checkpoint.format import (
+    CheckpointError,
+    abstract_like,
+    read_meta,
+    reader,
+    train_metadata,
+)
+from meshfit.engine.checkpoint.packing import unpack
 from meshfit.engine.checkpoint.restore import restore_args
 from meshfit.engine.checkpoint.weights import load_weights
 from meshfit.engine.hooks import StepTransform
@@ -20,17 +28,22 @@ from meshfit.engine.run.fit import resolve_checkpoint
 def load_checkpoint_weights(
     engine: Any, module: nnx.Module, ckpt_path: str | os.PathLike, what: str
 ) -> str:
-    """Load the parameters of the checkpoint `ckpt_path` names into `module`; its step path."""
+    """Load the parameters of the checkpoint `ckpt_path` names into `module`; its step path.
+    "last" skips damaged steps (with a warning) like `fit` does."""
     found = resolve_checkpoint(engine, ckpt_path)
     if found is None:
         raise CheckpointError(
             f"{what}(ckpt_path={os.fspath(ckpt_path)!r}): there is no checkpoint to load yet. "
             "Train with a ModelCheckpoint first, or pass a checkpoint path."
         )
-    directory, step = found
-    path = os.path.join(directory, str(step))
-    load_weights(module, path)
-    return path
+    step, _ = first_readable(
+        found.directory,
+        (found.step, *found.fallback),
+        lambda s: load_weights(module, os.path.join(found.directory, str(s))),
+        fallback=bool(found.fallback),
+        what=what,
+    )
+    return os.path.join(found.directory, str(step))
 
 
 def checkpoint_eval_states(
@@ -49,5 +62,8 @@ def checkpoint_eval_states(
     targets = {t.state_key: t.init(params) for t in wanted if t.state_key in saved}
     if not targets:
         return {}
-    args = restore_args({"state": {"extra": targets}}, partial=True)
-    return manager.restore(step, args=ocp.args.Composite(train=args))["train"]["state"]["extra"]
+    abstract = {"state": {"extra": abstract_like(targets)}}
+    layout = read_meta(manager, step).get("packed") or {}  # small leaves saved packed
+    args = restore_args(abstract, layout, partial=True)
+    restored = manager.restore(step, args=ocp.args.Composite(train=args))["train"]
+    return unpack(restored, abstract, layout)["state"]["extra"]

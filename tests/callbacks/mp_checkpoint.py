@@ -7,6 +7,7 @@ import sys
 import time
 
 import jax
+import numpy as np
 from flax import nnx
 
 from meshfit import Engine
@@ -49,9 +50,13 @@ def main(directory):
         logger=False,
         enable_model_summary=False,
     )
-    engine.fit(MLP(nnx.Rngs(0)), classification_data(n=256))
+    module = MLP(nnx.Rngs(0))
+    engine.fit(module, classification_data(n=256))
     steps = ",".join(map(str, saves.steps))
     print(f"process {jax.process_index()} saved at {steps}", flush=True)
+    if jax.process_index() == 0:  # dp: the parameters are replicated, each process has them
+        params = jax.tree.leaves(nnx.state(module, nnx.Param))
+        np.savez(directory + ".npz", *[np.asarray(x.addressable_data(0)) for x in params])
 
 
 if __name__ == "__main__":

@@ -7,10 +7,13 @@ import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
 import pytest
 from flax import nnx
 from jax.experimental import multihost_utils
 
+import meshfit
 from meshfit import Engine
 from meshfit.callbacks import Callback, ModelCheckpoint
 from meshfit.engine.checkpoint.format import read_meta
@@ -128,3 +131,10 @@ def test_every_n_seconds_saves_at_the_same_step_on_two_processes(tmp_path):
     timed = saved[:-1]  # the last one is the final save at the end of fit
     assert len(timed) >= 2 and all(s % 10 == 0 for s in timed), saved  # at the sync cadence
     assert steps_in(tmp_path / "ck") == saved  # one checkpoint per step, written together
+    # and it reads back in one process (packed leaves written by two): the trained weights
+    module = meshfit.load_weights(MLP(nnx.Rngs(1)), tmp_path / "ck")
+    final = np.load(tmp_path / "ck.npz")
+    params = jax.tree.leaves(nnx.state(module, nnx.Param))
+    assert len(params) == len(final.files) == 4
+    for p, name in zip(params, final.files, strict=True):
+        np.testing.assert_array_equal(np.asarray(p), final[name])

@@ -129,9 +129,9 @@ class Logger(Callback):
         if self._open:
             self._pending.append((engine.global_step, dict(metrics)))
 
-    def on_train_batch_end(self, engine: Engine, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_dispatch_end(self, engine: Engine, steps: int) -> None:
         if self._pending and self._pending[-1][0] < engine.global_step and self._write_due():
-            self.flush()  # the step after the log is running: the host has time
+            self.flush()  # the dispatch after the log is running: the host has time
 
     def on_validation_end(self, engine: Engine) -> None:
         if self._write_due():

@@ -66,9 +66,9 @@ class ProgressBar(Callback):
     def on_train_epoch_start(self, engine: Engine) -> None:
         self._set_epoch(engine)
 
-    def on_train_batch_end(self, engine: Engine, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_dispatch_end(self, engine: Engine, steps: int) -> None:
         if self._ensure_bar(engine) is not None:
-            self.bar.update(1)
+            self.bar.update(steps)
 
     def on_log(self, engine: Engine, metrics: dict[str, float]) -> None:
         if self._ensure_bar(engine) is None:

@@ -20,6 +20,7 @@ HOOKS = (
     "on_train_epoch_start",
     "on_train_batch_start",
     "on_train_batch_end",
+    "on_train_dispatch_end",
     "on_log",
     "on_validation_start",
     "on_validation_end",
@@ -92,6 +93,11 @@ class Callback:
     def on_train_batch_end(
         self, engine: Engine, outputs: dict[str, jax.Array], batch: Any, batch_idx: int
     ) -> None: ...
+    def on_train_dispatch_end(self, engine: Engine, steps: int) -> None:
+        """Once per dispatch, right after its `steps` optimizer steps ran (`engine.global_step`
+        is the last of them), before that step's log: per-dispatch work (a progress bar's
+        advance) costs no Python per step, and needs no `fusion_safe`."""
+
     def on_log(self, engine: Engine, metrics: dict[str, float]) -> None:
         """Freshly reduced metrics (train window or a validation pass), as Python floats."""
 

@@ -300,6 +300,7 @@ class FitRun(EvalRun):
                     replay(hooks, engine, "on_train_batch_end", g0, b0, k - 1, shapes, per_step)
                 g = engine.global_step = g0 + k
                 engine.batch_idx = b0 + k
+                hooks("on_train_dispatch_end", k)
                 end = StepOutputs(per_step, k - 1), shapes, b0 + k - 1
                 validate = validate_mid_epoch and g % val_every == 0
                 preempted = self.preemption.requested(g)

@@ -92,6 +92,7 @@ def test_write_interval_defers_writes_and_the_fit_end_writes_everything(tmp_path
         callbacks=[Peek()],
     )
     engine.fit(MLP(nnx.Rngs(0)), (x, y), val_data=(x[:64], y[:64]))
-    # (Peek runs before the logger) step 2's row is written at step 3, then nothing until the end
-    assert seen == [0, 0, 0, 1, 1, 1, 1, 1]
+    # step 2's row is written at step 3's dispatch end (before Peek's batch end), then nothing
+    # until the fit ends
+    assert seen == [0, 0, 1, 1, 1, 1, 1, 1]
     assert [r[0] for r in rows(logger.metrics_path)] == ["step", "2", "4", "6", "8"]

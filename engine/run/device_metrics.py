@@ -30,11 +30,11 @@ class DeviceMetrics:
         self._zeros = jax.jit(
             lambda: empty_metrics(meta, dict.fromkeys(names)), out_shardings=replicated
         )
-        self.acc: dict[str, jax.Array] = self._fresh()
+        self.acc: dict[str, jax.Array] = self._fresh({})  # (the loop's windows: `_zeros`)
         self.steps = 0  # host count of the steps in `acc` (never read from the device)
 
     def _fresh(self, values: dict[str, Any] | None = None) -> dict[str, jax.Array]:
-        if not values:
+        if values is None:  # in the loop, under the mesh (part of the program's trace key)
             return self._zeros()
         host = dict(self._empty)
         for name, value in (values or {}).items():

@@ -140,13 +140,18 @@ class FusedStep:
 
         return body
 
-    def _jit(self, k: int, xs: Any) -> Any:
-        def fused_train_step(leaves, acc, xs):  # the name profiles show
-            body = self._body(xs)
-            (leaves, acc), per_step = jax.lax.scan(body, (leaves, acc), jnp.arange(k))
-            return leaves, acc, per_step
+    def _program(self, k: int) -> Callable:
+        """K steps as one function; with `k_max`, any `n <= k` steps (the count an argument)."""
+        if self.k_max is None:
 
-        def fused_train_steps(leaves, acc, xs, n):  # any n <= k steps, one program
+            def fused_train_step(leaves, acc, xs):  # the name profiles show
+                body = self._body(xs)
+                (leaves, acc), per_step = jax.lax.scan(body, (leaves, acc), jnp.arange(k))
+                return leaves, acc, per_step
+
+            return fused_train_step
+
+        def fused_train_step(leaves, acc, xs, n):  # the same name in profiles
             body = self._body(xs)
             one = self.metric_shapes(leaves, xs)
             padded = jax.tree.map(lambda m: jnp.zeros((k, *m.shape), m.dtype), one)
@@ -159,22 +164,21 @@ class FusedStep:
             (leaves, acc), per_step = jax.lax.fori_loop(0, n, loop, ((leaves, acc), padded))
             return leaves, acc, per_step
 
+        return fused_train_step
+
+    def _jit(self, k: int, xs: Any) -> Any:
         replicated = self.strategy.replicated()
         if self.rows is None:
             xs_shardings = jax.tree.map(lambda x: stacked_sharding(self.strategy, x.ndim), xs)
         else:
             data = jax.tree.map(lambda x: x.sharding, xs[0])
             xs_shardings = (data, replicated, replicated)
+        in_shardings = (self.state_shardings, replicated, xs_shardings)
         if self.k_max is not None:
-            return jax.jit(
-                fused_train_steps,
-                in_shardings=(self.state_shardings, replicated, xs_shardings, replicated),
-                out_shardings=(self.state_shardings, replicated, replicated),
-                donate_argnums=(0, 1),
-            )
+            in_shardings += (replicated,)  # the step count
         return jax.jit(
-            fused_train_step,
-            in_shardings=(self.state_shardings, replicated, xs_shardings),
+            self._program(k),
+            in_shardings=in_shardings,
             out_shardings=(self.state_shardings, replicated, replicated),
             donate_argnums=(0, 1),
         )

@@ -249,7 +249,12 @@ def test_process_one_of_two_writes_nothing(tmp_path, monkeypatch):
 
 
 class Crash(Callback):
-    def on_train_batch_end(self, engine, outputs, batch, batch_idx):
+    """Dies at step 3's dispatch end, before the loggers write step 2's log (one step a
+    dispatch: the batch hook is not fusion-safe)."""
+
+    def on_train_batch_end(self, engine, outputs, batch, batch_idx): ...
+
+    def on_train_dispatch_end(self, engine, steps):
         if engine.global_step == 3:
             raise RuntimeError("killed")
 

@@ -1,4 +1,8 @@
-"""Trains the test MLP and saves the final parameters from rank 0 (run by test_distributed)."""
+"""Trains the test MLP and saves the final parameters from rank 0 (run by test_distributed).
+
+    mp_train.py STRATEGY[,STRATEGY...] OUT   (one fit per strategy, saved as OUT-<strategy>.npz
+                                             when several are named)
+"""
 
 import json
 import sys
@@ -46,4 +50,6 @@ def main(strategy, out):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    names = sys.argv[1].split(",")
+    for name in names:  # one process start-up for several strategies
+        main(name, sys.argv[2] if len(names) == 1 else f"{sys.argv[2]}-{name}")

@@ -16,16 +16,20 @@ from typing import Any
 import jax
 from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
+#: When set, the default cache directory of every Engine (instead of `<root>/jax_cache`).
+ENV_DIR = "MESHFIT_COMPILATION_CACHE_DIR"
 _SET_BY_MESHFIT: list[str] = []  # the directory meshfit last configured, if it still applies
 
 
 def resolve_cache_dir(value: Any, default_root_dir: str) -> str | None:
     """The directory for `Engine(compilation_cache_dir=value)`: None/True -> under the run's
-    root, a path -> that path, False -> None (off). A clear error for anything else."""
+    root (or `$MESHFIT_COMPILATION_CACHE_DIR`), a path -> that path, False -> None (off). A
+    clear error for anything else."""
     if value is False:
         return None
     if value is None or value is True:
-        return os.path.abspath(os.path.join(default_root_dir, "jax_cache"))
+        shared = os.environ.get(ENV_DIR)  # e.g. one cache for every run of a CI job
+        return os.path.abspath(shared or os.path.join(default_root_dir, "jax_cache"))
     if isinstance(value, str | os.PathLike):
         return os.path.abspath(os.fspath(value))
     raise TypeError(

@@ -1,12 +1,19 @@
 """Test setup: 8 virtual CPU devices before JAX initialises, fast collective timeouts."""
 
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_cpu_collective_call_terminate_timeout_seconds" not in flags:
     flags += " --xla_cpu_collective_call_terminate_timeout_seconds=30"
 os.environ["XLA_FLAGS"] = flags.strip()
+# One persistent compilation cache for the whole run (both xdist workers and the child
+# processes tests start): the suite compiles the same small programs many times over.
+_run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
+os.environ.setdefault(
+    "MESHFIT_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"meshfit-tests-{_run}")
+)
 
 import jax  # noqa: E402
 

@@ -42,7 +42,11 @@ def test_a_second_process_reaches_its_first_step_faster(tmp_path):
     assert warm_loss == cold_loss  # the cached programs compute the same numbers
 
 
-def test_default_directory_off_and_explicit(tmp_path):
+def test_default_directory_off_and_explicit(tmp_path, monkeypatch):
+    shared = tmp_path / "shared"
+    monkeypatch.setenv("MESHFIT_COMPILATION_CACHE_DIR", str(shared))
+    assert Engine(max_steps=1, **quiet()).compilation_cache_dir == str(shared)
+    monkeypatch.delenv("MESHFIT_COMPILATION_CACHE_DIR")  # (conftest shares one in the suite)
     cwd = Path.cwd()  # tests run in their own directory (conftest)
     engine = Engine(max_steps=1, batch_size=32, **quiet())
     assert engine.compilation_cache_dir == str(cwd / "runs" / "jax_cache")

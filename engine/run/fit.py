@@ -9,7 +9,6 @@ configuration and the public counters (`global_step`, `current_epoch`, `batch_id
 from __future__ import annotations
 
 import itertools
-import os
 from typing import Any
 
 import jax
@@ -388,15 +387,3 @@ class FitRun(EvalRun):
     def train_metric_names(self) -> set[str]:
         """Metrics the compiled train step returns (logged every `log_every_n_steps`)."""
         return set(self.train_meta) | (set(self.window.acc) - {COUNT})
-
-
-def resolve_checkpoint(engine: Any, ckpt_path: str | os.PathLike) -> find.Resume | None:
-    """Where `fit(ckpt_path=...)` reads, among the checkpoints this engine writes."""
-    root = engine.config.default_root_dir
-    directory = find.default_dir(root)
-    for cb in engine.callbacks:
-        resolved = getattr(cb, "resolved_dirpath", None)
-        if callable(resolved):
-            directory = resolved(engine)
-            break
-    return find.resolve(ckpt_path, directory, root)

@@ -10,6 +10,7 @@ from typing import Any
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from meshfit.engine.checkpoint import find
 from meshfit.engine.checkpoint.damage import first_readable
 from meshfit.engine.checkpoint.format import (
     CheckpointError,
@@ -22,7 +23,18 @@ from meshfit.engine.checkpoint.packing import unpack
 from meshfit.engine.checkpoint.restore import restore_args
 from meshfit.engine.checkpoint.weights import load_weights
 from meshfit.engine.hooks import StepTransform
-from meshfit.engine.run.fit import resolve_checkpoint
+
+
+def resolve_checkpoint(engine: Any, ckpt_path: str | os.PathLike) -> find.Resume | None:
+    """Where `fit(ckpt_path=...)` reads, among the checkpoints this engine writes."""
+    root = engine.config.default_root_dir
+    directory = find.default_dir(root)
+    for cb in engine.callbacks:
+        resolved = getattr(cb, "resolved_dirpath", None)
+        if callable(resolved):
+            directory = resolved(engine)
+            break
+    return find.resolve(ckpt_path, directory, root)
 
 
 def load_checkpoint_weights(

@@ -30,12 +30,12 @@ def steps_in(directory):
     return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
 
 
-def fit(mc, max_steps, *callbacks, **kwargs):
+def fit(mc, max_steps, *callbacks, after=(), **kwargs):
     engine = Engine(
         strategy="single",
         max_steps=max_steps,
         batch_size=64,
-        callbacks=[*callbacks, mc],
+        callbacks=[*callbacks, mc, *after],
         **quiet(enable_model_summary=False, **kwargs),
     )
     engine.fit(MLP(nnx.Rngs(0)), DATA, val_data=VAL)
@@ -62,6 +62,19 @@ def test_snapshots_are_not_ranked_among_the_best(tmp_path):
     assert engine.global_step == 15
 
 
+class Done(Callback):
+    """Records when each step's hooks are done: right after ModelCheckpoint's (a save in it
+    restarts its clock)."""
+
+    run_last = True
+
+    def __init__(self):
+        self.at = {}
+
+    def on_train_batch_end(self, engine, outputs, batch, batch_idx):
+        self.at[engine.global_step] = time.monotonic()
+
+
 class Sleep(Callback):
     """Makes each step take at least `seconds`, and records when each step ended: right
     before ModelCheckpoint reads its clock (both run last, in this order)."""
@@ -81,16 +94,17 @@ def test_every_n_seconds_saves_at_the_first_step_after_the_interval(tmp_path, mo
         raise AssertionError("a single process needs no collective to decide")
 
     monkeypatch.setattr(multihost_utils, "process_allgather", no_collectives)
-    every, sleep = 0.3, Sleep(0.05)
-    fit(ModelCheckpoint(tmp_path, every_n_seconds=every, save_top_k=-1), 40, sleep)
+    every, sleep, done = 0.3, Sleep(0.05), Done()
+    mc = ModelCheckpoint(tmp_path, every_n_seconds=every, save_top_k=-1)
+    fit(mc, 40, sleep, after=[done])
     saved = steps_in(tmp_path)
     print("saved at steps", saved)
     assert len(saved) >= 4 and saved[-1] == 40  # time-based saves, then the final one
-    slack = 0.01  # the recorder's clock reading is a moment before the checkpoint's
+    slack = 0.01  # the recorders' clock readings are a moment off the checkpoint's
     for a, b in itertools.pairwise(saved[:-1]):  # the last one is the final save
-        t0 = sleep.ended[a]
-        assert sleep.ended[b] - t0 >= every - slack, (a, b)  # not before the interval...
-        assert sleep.ended[b - 1] - t0 < every + slack, (a, b)  # ...and at the first step after
+        # the clock restarts once save `a` is handed to the writer: between the two readings
+        assert sleep.ended[b] - sleep.ended[a] >= every - slack, (a, b)  # not before...
+        assert sleep.ended[b - 1] - done.at[a] < every + slack, (a, b)  # ...the first after
 
 
 def test_cadences_are_exclusive_and_checked():

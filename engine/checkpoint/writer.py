@@ -11,6 +11,7 @@ processes, orbax's barriers.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import math
 import os
 import threading
@@ -19,7 +20,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as ocp_keep
 
@@ -165,10 +165,8 @@ def _lower_priority() -> None:
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: this thread
     except (AttributeError, OSError):
-        try:
+        with contextlib.suppress(AttributeError, OSError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        except (AttributeError, OSError):
-            pass
 
 
 # ---------------------------------------------------------------------------- finding checkpoints

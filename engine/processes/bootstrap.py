@@ -6,9 +6,12 @@ even though it builds its module (and so touches devices) before calling `fit`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import runpy
 import sys
+import threading
+import time
 import traceback
 
 from meshfit.engine.processes import distributed
@@ -17,6 +20,7 @@ from meshfit.engine.processes import distributed
 def main() -> None:
     if len(sys.argv) < 2:
         raise SystemExit("usage: python -m meshfit.bootstrap SCRIPT [ARGS...]")
+    _exit_with_launcher()
     distributed.initialize()
     script = sys.argv[1]
     sys.argv = sys.argv[1:]
@@ -30,6 +34,24 @@ def main() -> None:
     except BaseException:
         traceback.print_exc()
         _abort(1)
+
+
+def _exit_with_launcher() -> None:
+    """A launcher killed outright (SIGKILL, a test's timeout) cannot stop its children, which
+    would wait forever in a collective: leave as soon as it is gone."""
+    launcher = os.environ.get(distributed.ENV_LAUNCHER_PID)
+    if not launcher or int(launcher) != os.getppid():
+        return
+
+    def watch() -> None:
+        while os.getppid() == int(launcher):
+            time.sleep(1.0)
+        with contextlib.suppress(Exception):  # its pipe is likely closed
+            sys.stderr.write("meshfit: the launcher is gone; stopping this process\n")
+            sys.stderr.flush()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="meshfit-launcher-watch", daemon=True).start()
 
 
 def _abort(code: int) -> None:

@@ -22,6 +22,7 @@ ENV_NUM_PROCESSES = "MESHFIT_NUM_PROCESSES"
 ENV_PROCESS_ID = "MESHFIT_PROCESS_ID"
 ENV_LOCAL_RANK = "MESHFIT_LOCAL_RANK"
 ENV_CPU_DEVICES = "MESHFIT_CPU_DEVICES"
+ENV_LAUNCHER_PID = "MESHFIT_LAUNCHER_PID"  # children leave when this process is gone
 
 # Markers of cluster environments that `jax.distributed.initialize()` detects on its own.
 _CLUSTER_MARKERS = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "JOBSET_NAME", "TPU_WORKER_HOSTNAMES")

@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                 distributed.ENV_NUM_PROCESSES: str(world),
                 distributed.ENV_PROCESS_ID: str(rank),
                 distributed.ENV_LOCAL_RANK: str(local_rank),
+                distributed.ENV_LAUNCHER_PID: str(os.getpid()),
             },
         )
         if args.cpu_devices_per_process:

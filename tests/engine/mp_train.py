@@ -1,7 +1,7 @@
 """Trains the test MLP and saves the final parameters from rank 0 (run by test_distributed).
 
-    mp_train.py STRATEGY[,STRATEGY...] OUT   (one fit per strategy, saved as OUT-<strategy>.npz
-                                             when several are named)
+mp_train.py STRATEGY[,STRATEGY...] OUT   (one fit per strategy, saved as OUT-<strategy>.npz
+                                         when several are named)
 """
 
 import json

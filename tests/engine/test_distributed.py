@@ -53,6 +53,46 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
             np.testing.assert_allclose(a[k], b[k], atol=1e-5, rtol=0)
 
 
+def _gone(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_children_leave_when_the_launcher_is_killed(tmp_path):
+    """SIGKILL of the launcher (it cannot stop its children) still ends them within seconds."""
+    script = tmp_path / "wait.py"
+    script.write_text("import os, time\nprint('pid', os.getpid(), flush=True)\ntime.sleep(300)\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meshfit.launch", "--nproc", "2", str(script)],
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    pids = []
+    deadline = time.monotonic() + 60
+    while len(pids) < 2 and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if " pid " in f" {line}":
+            pids.append(int(line.split()[-1]))
+    try:
+        assert len(pids) == 2, "the children did not start"
+        proc.kill()
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert all(_gone(p) for p in pids), "children outlived their killed launcher"
+    finally:
+        for p in pids:
+            if not _gone(p):
+                os.kill(p, 9)
+
+
 def test_a_crashing_child_stops_the_launcher(tmp_path):
     script = tmp_path / "crash.py"
     script.write_text(

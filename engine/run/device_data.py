@@ -79,6 +79,9 @@ class DeviceData:
         self.data = jax.tree.unflatten(treedef, arrays)
         self.replicated = strategy.replicated()
         self._perm: tuple[int, Any] | None = None
+        self._step_shapes = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct((self.rows, *x.shape[1:]), x.dtype), self.data
+        )
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -96,9 +99,7 @@ class DeviceData:
 
     def step_shapes(self) -> Any:
         """One step's batch as shapes (what fused batch hooks receive)."""
-        return jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct((self.rows, *x.shape[1:]), x.dtype), self.data
-        )
+        return self._step_shapes
 
 
 def _axes(sharding: Any) -> tuple:

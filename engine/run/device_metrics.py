@@ -14,7 +14,8 @@ from meshfit.engine.step.fused import COUNT, empty_metrics
 
 class DeviceMetrics:
     """The device-side accumulator of the steps since the last log (a small pytree the fused
-    dispatch carries and donates); `compute` is the one host read per log.
+    dispatch carries); `compute` is the one host read per log. After a read, `acc` still holds
+    the read window and `fresh` tells the next dispatch to start from empty.
 
     Each metric combines with its own reduction: "mean" (a float32 sum over the steps,
     divided by their count on the host), "sum", "max", "min".
@@ -24,18 +25,11 @@ class DeviceMetrics:
         self.meta, self.replicated = meta, replicated
         host = jax.device_get(empty_metrics(meta, dict.fromkeys(names)))
         self._empty = {k: np.asarray(v) for k, v in host.items()}
-        # A new empty window per log, made on the device: a transfer of the host zeros costs
-        # ~1 ms on CPU, more than a 50-step dispatch of a small model.
-        names = tuple(names)
-        self._zeros = jax.jit(
-            lambda: empty_metrics(meta, dict.fromkeys(names)), out_shardings=replicated
-        )
-        self.acc: dict[str, jax.Array] = self._fresh({})  # (the loop's windows: `_zeros`)
-        self.steps = 0  # host count of the steps in `acc` (never read from the device)
+        self.acc: dict[str, jax.Array] = self._fresh({})
+        self.fresh = False  # `acc` was read: the next dispatch starts a new window
+        self.steps = 0  # host count of the steps in the window (never read from the device)
 
-    def _fresh(self, values: dict[str, Any] | None = None) -> dict[str, jax.Array]:
-        if values is None:  # in the loop, under the mesh (part of the program's trace key)
-            return self._zeros()
+    def _fresh(self, values: dict[str, Any]) -> dict[str, jax.Array]:
         host = dict(self._empty)
         for name, value in (values or {}).items():
             if name in host:
@@ -46,8 +40,8 @@ class DeviceMetrics:
         return self.steps
 
     def update(self, acc: dict[str, jax.Array], steps: int) -> None:
-        """The accumulator a dispatch of `steps` steps returned (the old one was donated)."""
-        self.acc, self.steps = acc, self.steps + steps
+        """The accumulator a dispatch of `steps` steps returned."""
+        self.acc, self.steps, self.fresh = acc, self.steps + steps, False
 
     def compute(self) -> dict[str, float]:
         """The reduced metrics of the window (waits for the last dispatch), then start over."""
@@ -57,7 +51,7 @@ class DeviceMetrics:
         """Start a new window now; returns a function reading the old one's reduced metrics
         (the read waits only for the dispatches of the old window)."""
         acc = self.acc
-        self.acc, self.steps = self._fresh(), 0
+        self.fresh, self.steps = True, 0
         for x in acc.values():
             x.copy_to_host_async()
         return lambda: self._reduce(jax.device_get(acc))
@@ -76,10 +70,12 @@ class DeviceMetrics:
     def state_dict(self) -> dict[str, Any]:
         """The unlogged window as exact float32 values (waits for the device): a resumed run
         continues the same sums, so its next log equals the uninterrupted run's."""
-        host = jax.device_get(self.acc)
+        host = self._empty if self.fresh else jax.device_get(self.acc)
         return {"accumulated": {k: float(v) for k, v in host.items()}, "steps": self.steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.fresh:  # `acc` holds a window already read
+            self.acc, self.fresh = self._fresh({}), False
         if "accumulated" in state:
             self.acc, self.steps = self._fresh(state["accumulated"]), int(state["steps"])
             return

@@ -288,7 +288,7 @@ class FitRun(EvalRun):
                 if start_hooks:
                     replay(hooks, engine, "on_train_batch_start", g0, b0, k, shapes)
                 timings.begin_step(k)
-                leaves, acc, per_step = self.fused(k, live.leaves, window.acc, xs)
+                leaves, acc, per_step = self.fused(k, live.leaves, window.acc, xs, window.fresh)
                 live.advance(leaves)
                 window.update(acc, k)
                 in_flight.add(per_step, k)

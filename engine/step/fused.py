@@ -56,7 +56,9 @@ def stacked_sharding(strategy: Strategy, ndim: int) -> NamedSharding:
 
 class FusedStep:
     """Jitted K-step dispatches of `step` (`(leaves, batch) -> (leaves, metrics)`), built on
-    first use: `(leaves, acc, xs) -> (leaves, acc, per-step metrics)`.
+    first use: `(leaves, acc, fresh, xs) -> (leaves, acc, per-step metrics)`; with `fresh`
+    the accumulator starts from empty (a new log window) instead of `acc`, so starting a
+    window costs no dispatch of its own. `acc` is not donated: a read window stays readable.
 
     `xs` is a stacked batch (host source: one program per K) or `(data, perm, start)` (device
     source: step j takes the rows `perm[(start + j) * rows : (start + j + 1) * rows]` of
@@ -81,11 +83,12 @@ class FusedStep:
         self.used: set[int] = set()  # the K values dispatched
         self._metric_shapes: Any = None
 
-    def __call__(self, k: int, leaves, acc, xs):
+    def __call__(self, k: int, leaves, acc, xs, fresh: bool = False):
         self.used.add(k)
+        fresh = np.bool_(fresh)
         if self.k_max is not None:
-            return self._get(self.k_max, xs)(leaves, acc, xs, np.int32(k))
-        return self._get(k, xs)(leaves, acc, xs)
+            return self._get(self.k_max, xs)(leaves, acc, fresh, xs, np.int32(k))
+        return self._get(k, xs)(leaves, acc, fresh, xs)
 
     def metric_shapes(self, leaves, xs) -> dict[str, jax.ShapeDtypeStruct]:
         """One step's metrics as shapes (found once: they do not depend on K)."""
@@ -96,9 +99,10 @@ class FusedStep:
 
     def compile(self, k: int, leaves, acc, xs) -> Any:
         """The compiled K-step dispatch (for its memory and FLOPs analyses)."""
+        fresh = np.bool_(False)
         if self.k_max is not None:
-            return self._get(self.k_max, xs).lower(leaves, acc, xs, np.int32(k)).compile()
-        return self._get(k, xs).lower(leaves, acc, xs).compile()
+            return self._get(self.k_max, xs).lower(leaves, acc, fresh, xs, np.int32(k)).compile()
+        return self._get(k, xs).lower(leaves, acc, fresh, xs).compile()
 
     def _get(self, k: int, xs: Any) -> Any:
         key = (k, jax.tree.structure(xs))
@@ -142,16 +146,24 @@ class FusedStep:
 
     def _program(self, k: int) -> Callable:
         """K steps as one function; with `k_max`, any `n <= k` steps (the count an argument)."""
+        meta = self.meta
+
+        def start(acc, fresh):
+            empty = empty_metrics(meta, {name: None for name in acc if name != COUNT})
+            return jax.tree.map(lambda e, a: jnp.where(fresh, e, a), empty, acc)
+
         if self.k_max is None:
 
-            def fused_train_step(leaves, acc, xs):  # the name profiles show
+            def fused_train_step(leaves, acc, fresh, xs):  # the name profiles show
+                acc = start(acc, fresh)
                 body = self._body(xs)
                 (leaves, acc), per_step = jax.lax.scan(body, (leaves, acc), jnp.arange(k))
                 return leaves, acc, per_step
 
             return fused_train_step
 
-        def fused_train_step(leaves, acc, xs, n):  # the same name in profiles
+        def fused_train_step(leaves, acc, fresh, xs, n):  # the same name in profiles
+            acc = start(acc, fresh)
             body = self._body(xs)
             one = self.metric_shapes(leaves, xs)
             padded = jax.tree.map(lambda m: jnp.zeros((k, *m.shape), m.dtype), one)
@@ -173,12 +185,12 @@ class FusedStep:
         else:
             data = jax.tree.map(lambda x: x.sharding, xs[0])
             xs_shardings = (data, replicated, replicated)
-        in_shardings = (self.state_shardings, replicated, xs_shardings)
+        in_shardings = (self.state_shardings, replicated, replicated, xs_shardings)
         if self.k_max is not None:
             in_shardings += (replicated,)  # the step count
         return jax.jit(
             self._program(k),
             in_shardings=in_shardings,
             out_shardings=(self.state_shardings, replicated, replicated),
-            donate_argnums=(0, 1),
+            donate_argnums=0,
         )

@@ -39,9 +39,11 @@ class DeviceMetrics:
     def __len__(self) -> int:
         return self.steps
 
-    def update(self, acc: dict[str, jax.Array], steps: int) -> None:
-        """The accumulator a dispatch of `steps` steps returned."""
-        self.acc, self.steps, self.fresh = acc, self.steps + steps, False
+    def update(self, acc: dict[str, jax.Array], steps: int, closed_after: int | None = None):
+        """The accumulator a dispatch of `steps` steps returned; `closed_after`: the dispatch
+        closed its last window after that many steps (the rest are in `acc`)."""
+        base = self.steps if closed_after is None else -closed_after
+        self.acc, self.steps, self.fresh = acc, base + steps, False
 
     def compute(self) -> dict[str, float]:
         """The reduced metrics of the window (waits for the last dispatch), then start over."""
@@ -55,6 +57,10 @@ class DeviceMetrics:
         for x in acc.values():
             x.copy_to_host_async()
         return lambda: self._reduce(jax.device_get(acc))
+
+    def reduce(self, host: dict[str, Any]) -> dict[str, float]:
+        """The logged values of one window read to the host (a dict of scalars)."""
+        return self._reduce(host)
 
     def _reduce(self, host: dict[str, Any]) -> dict[str, float]:
         count = float(host[COUNT])

@@ -14,7 +14,8 @@ from meshfit.engine.hooks import Callback, overridden_hooks
 from meshfit.engine.step.fused import stacked_sharding
 from meshfit.strategies.base import Strategy
 
-#: The most steps "auto" fuses into one dispatch (bounded anyway by the log cadence).
+#: The most steps "auto" fuses into one dispatch (bounded by the log cadence unless the
+#: dispatch closes log windows itself).
 AUTO_MAX = 128
 #: The one intermediate size for remainders of a large K.
 REMAINDER = 8
@@ -28,6 +29,21 @@ def fusion_blockers(callbacks: Sequence[Callback]) -> list[str]:
         for cb in callbacks
         if batch & set(overridden_hooks(cb)) and not getattr(cb, "fusion_safe", False)
     ]
+
+
+def observers_only(callbacks: Sequence[Callback]) -> bool:
+    """Whether every callback with a log or batch-end hook declares `observes_only`: a log
+    step's host work may then wait for the next dispatch, and "auto" dispatches may span log
+    windows (closed on the device, each logged at its step afterwards)."""
+    hooks = {"on_log", "on_train_batch_end"}
+    return all(
+        getattr(cb, "observes_only", False) for cb in callbacks if hooks & set(overridden_hooks(cb))
+    )
+
+
+def spans_logs(setting: int | str, callbacks: Sequence[Callback]) -> bool:
+    """Whether a fit's dispatches close log windows themselves (see `observers_only`)."""
+    return setting == "auto" and observers_only(callbacks)
 
 
 def dispatch_sizes(k_max: int) -> list[int]:
@@ -49,20 +65,24 @@ class DispatchPlanner:
         engine: Any,
         callbacks: Sequence[Callback],
         any_size: bool = False,
+        spans_logs: bool = False,
         **cadence: int | None,
     ):
         """`any_size`: every K up to the largest runs as one program (else a remainder runs
-        as the largest compiled size that fits, `dispatch_sizes`)."""
+        as the largest compiled size that fits, `dispatch_sizes`). `spans_logs`: the dispatch
+        closes log windows itself (`FusedStep(log_every=...)`), so logs do not bound K."""
         config = engine.config
         self.blockers = fusion_blockers(callbacks) if setting == "auto" else []
         if setting == "auto":
-            k_max = 1 if self.blockers else min(config.log_every_n_steps, AUTO_MAX)
+            cap = AUTO_MAX if spans_logs else min(config.log_every_n_steps, AUTO_MAX)
+            k_max = 1 if self.blockers else cap
         else:
             k_max = int(setting)
         self.k_max, self.setting = k_max, setting
         self.sizes = list(range(k_max, 0, -1)) if any_size else dispatch_sizes(k_max)
         self.callbacks = [cb for cb in callbacks if _declares_next_host_step(cb)]
-        self.every = [config.log_every_n_steps] + [v for v in cadence.values() if v]
+        logs = [] if spans_logs else [config.log_every_n_steps]
+        self.every = logs + [v for v in cadence.values() if v]
         self.max_steps = config.max_steps
 
     def describe(self) -> str:

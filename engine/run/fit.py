@@ -28,7 +28,14 @@ from meshfit.engine.module import MetricMeta
 from meshfit.engine.processes import distributed
 from meshfit.engine.run import control
 from meshfit.engine.run.device_metrics import DeviceMetrics
-from meshfit.engine.run.dispatch import DispatchPlanner, StepOutputs, fusion_blockers, replay
+from meshfit.engine.run.dispatch import (
+    DispatchPlanner,
+    StepOutputs,
+    fusion_blockers,
+    observers_only,
+    replay,
+    spans_logs,
+)
 from meshfit.engine.run.evaluate import EvalRun
 from meshfit.engine.run.feed import TrainFeed
 from meshfit.engine.run.inflight import InFlight, in_flight_limit
@@ -84,11 +91,16 @@ class FitRun(EvalRun):
         every = config.val_every_n_steps if self.val_loader is not None else None
         multi = distributed.process_count() > 1
         self.preemption = PreemptionWatcher()
+        # A log step's host work may wait for the next dispatch; with "auto", a dispatch may
+        # also span log windows: it closes them on the device, the host logs each at its step.
+        self.defer_logs = observers_only(engine.callbacks)
+        self.spans_logs = spans_logs(config.steps_per_dispatch, engine.callbacks)
         self.planner = DispatchPlanner(
             config.steps_per_dispatch,
             engine,
             engine.callbacks,
             any_size=self.device_data is not None,  # one program runs every K (FusedStep)
+            spans_logs=self.spans_logs,
             val_every=every,
             preemption_every=self.preemption.sync_every if multi else None,
         )
@@ -99,6 +111,7 @@ class FitRun(EvalRun):
             jax.tree.structure(plan.abstract).flatten_up_to(plan.shardings),
             rows=None if self.device_data is None else self.device_data.rows,
             k_max=self.planner.k_max,  # with data on the device, one program for every K
+            log_every=config.log_every_n_steps if self.spans_logs else None,
         )
         xs = self.feed.abstract_xs(self.batch_example)
         names = self.fused.metric_shapes(self.live.leaves, xs)
@@ -110,12 +123,6 @@ class FitRun(EvalRun):
             else nnx.merge(plan.graphdef, state.params, state.rest)
         )
         self.compiled_step: Any = None
-        log_hooks = {"on_log", "on_train_batch_end"}
-        self.defer_logs = all(  # a log step's host work may wait for the next dispatch
-            getattr(cb, "observes_only", False)
-            for cb in engine.callbacks
-            if log_hooks & set(overridden_hooks(cb))
-        )
         self.epoch_end_reads = any(  # a callback reads the metrics at each epoch's end
             "on_train_epoch_end" in overridden_hooks(cb)
             and getattr(cb, "epoch_end_reads_metrics", True)
@@ -288,13 +295,37 @@ class FitRun(EvalRun):
                 if start_hooks:
                     replay(hooks, engine, "on_train_batch_start", g0, b0, k, shapes)
                 timings.begin_step(k)
-                leaves, acc, per_step = self.fused(k, live.leaves, window.acc, xs, window.fresh)
+                until = log_every - g0 % log_every  # steps to the next log
+                leaves, acc, per_step, windows = self.fused(
+                    k, live.leaves, window.acc, xs, window.fresh, until
+                )
                 live.advance(leaves)
-                window.update(acc, k)
+                closes = list(range(until - 1, k, log_every)) if self.spans_logs else []
+                window.update(acc, k, closes[-1] + 1 if closes else None)
                 in_flight.add(per_step, k)
                 timings.switch("data")
                 if pending is not None:  # the last log step's, while this dispatch runs
                     pending = pending()
+                if self.spans_logs:
+                    post = self.after_dispatch(g0, b0, k, shapes, per_step, windows, closes)
+                    g = engine.global_step = g0 + k
+                    engine.batch_idx = b0 + k
+                    hooks("on_train_dispatch_end", k)
+                    validate = validate_mid_epoch and g % val_every == 0
+                    preempted = self.preemption.requested(g)
+                    stop = engine.should_stop or self.reached_max_steps()
+                    if not (validate or preempted or stop or (n is not None and b0 + k >= n)):
+                        pending = post  # its logs and hooks, once the next dispatch is queued
+                        continue
+                    post()
+                    if validate:
+                        self.validation_pass(self.val_loader)
+                    if preempted:
+                        self.checkpoint_and_exit()
+                    if engine.should_stop or self.reached_max_steps():
+                        exhausted = n is not None and engine.batch_idx >= n
+                        break
+                    continue
                 if end_hooks and k > 1:
                     replay(hooks, engine, "on_train_batch_end", g0, b0, k - 1, shapes, per_step)
                 g = engine.global_step = g0 + k
@@ -374,6 +405,31 @@ class FitRun(EvalRun):
             self.log(metrics)
             if end_hook is not None:
                 self.hooks("on_train_batch_end", *end_hook)
+            engine.global_step, engine.batch_idx = now
+
+        return run
+
+    def after_dispatch(self, g0, b0, k, shapes, per_step, windows, closes) -> Any:
+        """The host side of a dispatch that spans log windows, as a function: each step's
+        batch-end hook and each window the dispatch closed, logged at its step, in step order
+        (one read of the closed windows)."""
+        engine, end_hooks = self.engine, self.hooks.has("on_train_batch_end")
+        if closes:
+            for x in windows.values():
+                x.copy_to_host_async()
+
+        def run() -> None:
+            now = engine.global_step, engine.batch_idx
+            if closes:
+                with engine.timings.phase("step"):  # reading the metrics waits for the device
+                    host = jax.device_get(windows)
+            logs = {j: m for m, j in enumerate(closes)}
+            for j in range(k) if end_hooks else closes:
+                engine.global_step, engine.batch_idx = g0 + j + 1, b0 + j + 1
+                if j in logs:
+                    self.log(self.window.reduce({name: v[logs[j]] for name, v in host.items()}))
+                if end_hooks:
+                    self.hooks("on_train_batch_end", StepOutputs(per_step, j), shapes, b0 + j)
             engine.global_step, engine.batch_idx = now
 
         return run

@@ -74,21 +74,27 @@ class FusedStep:
         state_shardings: Any,
         rows: int | None = None,
         k_max: int | None = None,
+        log_every: int | None = None,
     ):
+        """`log_every`: a dispatch may span log windows; each one closed inside it comes back
+        in `windows` (else a window only ever closes at a dispatch's end, on the host)."""
         # jitted inside: every K's program (and the shape queries) reuse one trace of the step
         self.step, self.meta, self.strategy = jax.jit(step), meta, strategy
+        self.log_every = log_every
         self.state_shardings, self.rows = state_shardings, rows
         self.k_max = k_max if rows is not None else None  # one program for every K
         self.jitted: dict[tuple, Any] = {}
         self.used: set[int] = set()  # the K values dispatched
         self._metric_shapes: Any = None
 
-    def __call__(self, k: int, leaves, acc, xs, fresh: bool = False):
+    def __call__(self, k: int, leaves, acc, xs, fresh: bool = False, until: int = 0):
+        """`(leaves, acc, per-step metrics, closed windows)` after `k` steps; with `log_every`,
+        a window closes after the step `until` steps in, then every `log_every` steps."""
         self.used.add(k)
-        fresh = np.bool_(fresh)
+        args = (leaves, acc, np.bool_(fresh), np.int32(until), xs)
         if self.k_max is not None:
-            return self._get(self.k_max, xs)(leaves, acc, fresh, xs, np.int32(k))
-        return self._get(k, xs)(leaves, acc, fresh, xs)
+            return self._get(self.k_max, xs)(*args, np.int32(k))
+        return self._get(k, xs)(*args)
 
     def metric_shapes(self, leaves, xs) -> dict[str, jax.ShapeDtypeStruct]:
         """One step's metrics as shapes (found once: they do not depend on K)."""
@@ -99,10 +105,10 @@ class FusedStep:
 
     def compile(self, k: int, leaves, acc, xs) -> Any:
         """The compiled K-step dispatch (for its memory and FLOPs analyses)."""
-        fresh = np.bool_(False)
+        args = (leaves, acc, np.bool_(False), np.int32(0), xs)
         if self.k_max is not None:
-            return self._get(self.k_max, xs).lower(leaves, acc, fresh, xs, np.int32(k)).compile()
-        return self._get(k, xs).lower(leaves, acc, fresh, xs).compile()
+            return self._get(self.k_max, xs).lower(*args, np.int32(k)).compile()
+        return self._get(k, xs).lower(*args).compile()
 
     def _get(self, k: int, xs: Any) -> Any:
         key = (k, jax.tree.structure(xs))
@@ -133,38 +139,50 @@ class FusedStep:
             data,
         )
 
-    def _body(self, xs: Any) -> Callable:
-        """One step of the loop over `xs`: `((leaves, acc), j) -> ((leaves, acc), metrics)`."""
-        meta, step = self.meta, self.step
+    def _body(self, xs: Any, empty: dict, until: jax.Array) -> Callable:
+        """One step of the loop over `xs`: `(carry, j) -> (carry, metrics)`, the carry being
+        `(leaves, acc, windows, closed)`: with `log_every`, a window that closes after step
+        `j` is stored at `windows[closed]` and `acc` starts over (else `windows` is empty)."""
+        meta, step, every = self.meta, self.step, self.log_every
 
         def body(carry, j):
-            leaves, acc = carry
+            leaves, acc, windows, closed = carry
             leaves, metrics = step(leaves, self._batch(xs, j))
-            return (leaves, accumulate(acc, metrics, meta)), metrics
+            acc = accumulate(acc, metrics, meta)
+            if every is not None:
+                closing = (j + 1 - until) % every == 0  # never for j + 1 < until <= every
+                windows = jax.tree.map(
+                    lambda w, a: w.at[closed].set(jnp.where(closing, a, w[closed])), windows, acc
+                )
+                acc = jax.tree.map(lambda e, a: jnp.where(closing, e, a), empty, acc)
+                closed = closed + closing.astype(jnp.int32)
+            return (leaves, acc, windows, closed), metrics
 
         return body
 
     def _program(self, k: int) -> Callable:
         """K steps as one function; with `k_max`, any `n <= k` steps (the count an argument)."""
-        meta = self.meta
+        meta, every = self.meta, self.log_every
 
-        def start(acc, fresh):
+        def start(acc, fresh, until, xs):
             empty = empty_metrics(meta, {name: None for name in acc if name != COUNT})
-            return jax.tree.map(lambda e, a: jnp.where(fresh, e, a), empty, acc)
+            acc = jax.tree.map(lambda e, a: jnp.where(fresh, e, a), empty, acc)
+            slots = 0 if every is None else k // every + 1  # windows that can close in k steps
+            windows = jax.tree.map(lambda a: jnp.zeros((slots, *a.shape), a.dtype), acc)
+            return self._body(xs, empty, until), (acc, windows, jnp.int32(0))
 
         if self.k_max is None:
 
-            def fused_train_step(leaves, acc, fresh, xs):  # the name profiles show
-                acc = start(acc, fresh)
-                body = self._body(xs)
-                (leaves, acc), per_step = jax.lax.scan(body, (leaves, acc), jnp.arange(k))
-                return leaves, acc, per_step
+            def fused_train_step(leaves, acc, fresh, until, xs):  # the name profiles show
+                body, (acc, windows, closed) = start(acc, fresh, until, xs)
+                carry = (leaves, acc, windows, closed)
+                (leaves, acc, windows, _), per_step = jax.lax.scan(body, carry, jnp.arange(k))
+                return leaves, acc, per_step, windows
 
             return fused_train_step
 
-        def fused_train_step(leaves, acc, fresh, xs, n):  # the same name in profiles
-            acc = start(acc, fresh)
-            body = self._body(xs)
+        def fused_train_step(leaves, acc, fresh, until, xs, n):  # the same name in profiles
+            body, (acc, windows, closed) = start(acc, fresh, until, xs)
             one = self.metric_shapes(leaves, xs)
             padded = jax.tree.map(lambda m: jnp.zeros((k, *m.shape), m.dtype), one)
 
@@ -173,8 +191,9 @@ class FusedStep:
                 state, metrics = body(state, j)
                 return state, jax.tree.map(lambda p, m: p.at[j].set(m), per_step, metrics)
 
-            (leaves, acc), per_step = jax.lax.fori_loop(0, n, loop, ((leaves, acc), padded))
-            return leaves, acc, per_step
+            init = ((leaves, acc, windows, closed), padded)
+            (leaves, acc, windows, _), per_step = jax.lax.fori_loop(0, n, loop, init)
+            return leaves, acc, per_step, windows
 
         return fused_train_step
 
@@ -185,12 +204,12 @@ class FusedStep:
         else:
             data = jax.tree.map(lambda x: x.sharding, xs[0])
             xs_shardings = (data, replicated, replicated)
-        in_shardings = (self.state_shardings, replicated, replicated, xs_shardings)
+        in_shardings = (self.state_shardings, replicated, replicated, replicated, xs_shardings)
         if self.k_max is not None:
             in_shardings += (replicated,)  # the step count
         return jax.jit(
             self._program(k),
             in_shardings=in_shardings,
-            out_shardings=(self.state_shardings, replicated, replicated),
+            out_shardings=(self.state_shardings, replicated, replicated, replicated),
             donate_argnums=0,
         )

@@ -43,9 +43,11 @@ def test_one_program_and_two_traces_of_the_step_over_a_multi_epoch_fit():
     engine = Engine(strategy="dp", max_epochs=3, batch_size=64, log_every_n_steps=2, **quiet())
     engine.fit(Counting(nnx.Rngs(0)), (x, y), val_data=(x[:100], y[:100]))
     assert engine.global_step == 12 and engine.current_epoch == 3
-    # auto K = log_every_n_steps = 2; the data is on the device: one program runs every K.
+    # auto: the dispatches span log windows (closed on the device), so each runs to the epoch's
+    # end (4 steps); the data is on the device: one program (of the largest K) runs every K.
     # Traced twice: for the metric shapes at start-up, and inside that one program.
-    assert engine.run.fused.programs == engine.run.fused.sizes == [2]
+    assert engine.run.fused.programs == [engine.run.planner.k_max]
+    assert engine.run.fused.sizes == [4]
     assert len(traces) == 2
 
 

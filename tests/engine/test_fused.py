@@ -30,9 +30,15 @@ class Record(Callback):
         self.steps.append((engine.global_step, batch_idx, outputs["loss"]))
 
 
-def fit(spd, strategy="single", data_on_device="auto", n=320, **kwargs):
+class Watch(Record):
+    """A Record that declares it never steers the run: dispatches may then span log windows."""
+
+    observes_only = True
+
+
+def fit(spd, strategy="single", data_on_device="auto", n=320, record=Record, **kwargs):
     x, y = classification_data(n=n)
-    record = Record()
+    record = record()
     kwargs = {"max_epochs": 2, "log_every_n_steps": 4, **kwargs}
     callbacks, val = [record, *kwargs.pop("callbacks", [])], kwargs.pop("val", None)
     engine = Engine(
@@ -65,6 +71,19 @@ def test_fused_equals_one_step_per_dispatch_bitwise(strategy):
     assert auto[0].run.planner.k_max == 4 and one[0].run.fused.programs == [1]
     assert_same(one, auto)
     assert [g for g, _ in auto[2]] == [4, 8, 12, 16, 20]  # no epoch-end read: nothing needs it
+
+
+@pytest.mark.parametrize("strategy", ["single", "dp"])
+def test_dispatches_spanning_log_windows_log_the_same_values_bitwise(strategy):
+    """Logs every 3 steps, 10 steps an epoch: each dispatch runs a whole epoch, closing its
+    windows on the device (one crosses the epoch's end); the host logs each at its step."""
+    one = fit(1, strategy, data_on_device=False, log_every_n_steps=3)
+    for on_device in (True, False):
+        span = fit("auto", strategy, on_device, log_every_n_steps=3, record=Watch)
+        sizes = [10] if on_device else [1, 8]  # host batches: only the compiled sizes
+        assert span[0].run.spans_logs and span[0].run.fused.sizes == sizes
+        assert_same(one, span)
+        assert [g for g, _ in span[2]] == [3, 6, 9, 12, 15, 18, 20]
 
 
 def test_host_path_stacks_the_batches_of_a_dispatch_bitwise():
@@ -145,7 +164,7 @@ def test_nan_guard_names_the_exact_step_inside_a_dispatch():
     bad_step = int(np.argmax(order == 7 * 32 + 3)) // 32  # ... lands in this step's batch
     with pytest.raises(FloatingPointError, match=rf"global step {bad_step}: loss = nan"):
         engine.fit(MLP(nnx.Rngs(0)), (x, y))
-    assert engine.run.planner.k_max == 10 and int(engine.state.step) == bad_step
+    assert engine.run.planner.k_max > 1 and int(engine.state.step) == bad_step
 
 
 def test_resume_mid_epoch_inside_a_fused_run_is_bitwise(tmp_path):

@@ -76,8 +76,10 @@ class Engine:
             there is validation data), so a broken `validation_step` fails in seconds; not
             logged; 0 turns it off.
         steps_per_dispatch: optimizer steps fused into one compiled call (`lax.scan`). "auto":
-            as many as possible without passing a step the host must see (log, validation,
-            checkpoint and profiler cadences, max_steps, the epoch's end); 1 if a callback
+            as many as possible (up to 128) without passing a step the host must see (log,
+            validation, checkpoint and profiler cadences, max_steps, the epoch's end); logs
+            do not bound it when every log/batch-end hook only observes (each window is then
+            closed on the device and logged at its step after the dispatch); 1 if a callback
             overrides the batch hooks without declaring `fusion_safe`. Bitwise equal to 1.
         data_on_device: keep NumPy training data on the device (transferred once, each
             epoch's permutation applied on the device). "auto": when it fits the budget (a

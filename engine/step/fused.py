@@ -20,6 +20,7 @@ from meshfit.engine.module import MetricMeta
 from meshfit.strategies.base import Strategy
 
 COUNT = "__steps__"  # the accumulator's number of steps (the weight of every "mean")
+MAX_CACHED_SCALARS = 4096  # device scalars kept for dispatch arguments (counts, positions)
 
 
 def empty_metrics(meta: dict[str, MetricMeta], shapes: dict[str, Any]) -> dict[str, jax.Array]:
@@ -85,16 +86,32 @@ class FusedStep:
         self.k_max = k_max if rows is not None else None  # one program for every K
         self.jitted: dict[tuple, Any] = {}
         self.used: set[int] = set()  # the K values dispatched
+        self._scalars: dict[tuple, jax.Array] = {}
+        self._multi = jax.process_count() > 1
         self._metric_shapes: Any = None
 
     def __call__(self, k: int, leaves, acc, xs, fresh: bool = False, until: int = 0):
         """`(leaves, acc, per-step metrics, closed windows)` after `k` steps; with `log_every`,
         a window closes after the step `until` steps in, then every `log_every` steps."""
         self.used.add(k)
-        args = (leaves, acc, np.bool_(fresh), np.int32(until), xs)
+        scalar = self._scalar
+        if self.rows is not None:  # (data, perm, start): the start batch as a device scalar
+            xs = (*xs[:2], scalar(np.int32, xs[2]))
+        args = (leaves, acc, scalar(np.bool_, fresh), scalar(np.int32, until), xs)
         if self.k_max is not None:
-            return self._get(self.k_max, xs)(*args, np.int32(k))
+            return self._get(self.k_max, xs)(*args, scalar(np.int32, k))
         return self._get(k, xs)(*args)
+
+    def _scalar(self, dtype: Any, value: Any) -> Any:
+        """A dispatch's scalar argument, as a cached device array in single-process runs: a
+        NumPy scalar is a host-to-device transfer on every call (~10 us each on CPU)."""
+        key = (dtype, int(value))
+        x = self._scalars.get(key)
+        if x is None:
+            if self._multi or len(self._scalars) >= MAX_CACHED_SCALARS:
+                return dtype(value)
+            x = self._scalars[key] = jax.device_put(dtype(value), self.strategy.replicated())
+        return x
 
     def metric_shapes(self, leaves, xs) -> dict[str, jax.ShapeDtypeStruct]:
         """One step's metrics as shapes (found once: they do not depend on K)."""

@@ -1,8 +1,8 @@
 """`CheckpointWriter`: one orbax `CheckpointManager` saving train states asynchronously and
 atomically, with the retention policy (the newest, the best k by a monitored score).
 
-Every orbax call runs on one writer thread of lower scheduling priority (and the threads orbax
-starts from it inherit that priority): on a small machine a save's ~40 ms of CPU then runs in
+Every orbax call runs on one writer thread of the lowest scheduling priority (and the threads
+orbax starts from it inherit it): on a small machine a save's ~40 ms of CPU then runs in
 the cores' idle time instead of taking it from the training step. The loop waits only for what
 it must: the host copy of the state (the next step donates its buffers) and, with several
 processes, orbax's barriers.
@@ -160,13 +160,11 @@ class CheckpointWriter:
 
 
 def _lower_priority() -> None:
-    """Run this thread (and those it starts) only on otherwise idle cores: Linux's SCHED_IDLE,
-    else the lowest nice value; a no-op where neither exists."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: this thread
-    except (AttributeError, OSError):
-        with contextlib.suppress(AttributeError, OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    """The lowest priority short of idle-only (nice 19, per thread on Linux; a no-op where it
+    fails): the step's threads win the cores, yet this one, which holds the GIL while it runs
+    orbax's Python, is never starved for long (SCHED_IDLE could leave the loop waiting on it)."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
 # ---------------------------------------------------------------------------- finding checkpoints

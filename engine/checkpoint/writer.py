@@ -53,6 +53,7 @@ class CheckpointWriter:
         self._manager: ocp.CheckpointManager | None = None
         self._thread: concurrent.futures.ThreadPoolExecutor | None = None
         self._saving: concurrent.futures.Future | None = None  # the last save's orbax call
+        self._committed: concurrent.futures.Future | None = None  # ... and its commit
         self._steps: set[int] | None = None  # the steps saved (on disk, or being written)
         self.last_blocking_s = 0.0
 
@@ -116,8 +117,12 @@ class CheckpointWriter:
             self._steps = set(self._call(lambda m: m.all_steps()).result())
         if step in self._steps:
             return False
-        self._raise_failed_save()
         t0 = time.perf_counter()
+        # The previous save must be committed first (as orbax's own save would wait): saves
+        # never queue up, and one in progress means the one before it is on disk.
+        if self._committed is not None:
+            self._committed.result()
+        self._raise_failed_save()
         arrays, layout = pack(train_item(state))
         meta = {**meta, "packed": layout}
         metrics = None
@@ -127,6 +132,7 @@ class CheckpointWriter:
                 metrics = {"score": float(score)}
         args = ocp.args.Composite(train=ocp.args.PyTreeSave(arrays), meta=ocp.args.JsonSave(meta))
         self._saving = self._call(lambda m: m.save(step, args=args, metrics=metrics, force=True))
+        self._committed = self._call(lambda m: m.wait_until_finished())
         self._steps.add(step)
         if jax.process_count() > 1 or any(
             isinstance(x, jax.Array) for x in jax.tree.leaves(arrays)
@@ -138,7 +144,7 @@ class CheckpointWriter:
         return True
 
     def _raise_failed_save(self) -> None:
-        saving, self._saving = self._saving, None
+        saving, self._saving, self._committed = self._saving, None, None
         if saving is not None:
             saving.result()
 

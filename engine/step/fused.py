@@ -122,9 +122,12 @@ class FusedStep:
 
     def compile(self, k: int, leaves, acc, xs) -> Any:
         """The compiled K-step dispatch (for its memory and FLOPs analyses)."""
-        args = (leaves, acc, np.bool_(False), np.int32(0), xs)
+        scalar = self._scalar  # the same argument kinds as the calls: the same program
+        if self.rows is not None:
+            xs = (*xs[:2], scalar(np.int32, xs[2]))
+        args = (leaves, acc, scalar(np.bool_, False), scalar(np.int32, 0), xs)
         if self.k_max is not None:
-            return self._get(self.k_max, xs).lower(*args, np.int32(k)).compile()
+            return self._get(self.k_max, xs).lower(*args, scalar(np.int32, k)).compile()
         return self._get(k, xs).lower(*args).compile()
 
     def _get(self, k: int, xs: Any) -> Any:

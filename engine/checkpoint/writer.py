@@ -4,8 +4,8 @@ atomically, with the retention policy (the newest, the best k by a monitored sco
 Every orbax call runs on one writer thread of the lowest scheduling priority (and the threads
 orbax starts from it inherit it): on a small machine a save's ~40 ms of CPU then runs in
 the cores' idle time instead of taking it from the training step. The loop waits only for what
-it must: the host copy of the state (the next step donates its buffers) and, with several
-processes, orbax's barriers.
+it must: the host copy of the state (the next step donates its buffers), the previous save's
+commit, and, with several processes, orbax's barriers.
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ import numpy as np
 from meshfit.engine.data import make_loader
 from meshfit.engine.engine import Engine
 from meshfit.engine.hardware import compiled_memory, min_device_memory
-from meshfit.engine.run.dispatch import spans_logs
 from meshfit.engine.step.build import leaves_train_step
 from meshfit.engine.step.fused import FusedStep, empty_metrics, stacked_sharding
 
@@ -144,10 +143,8 @@ def find_batch_size(
         batch, with the metric accumulator (batches fed from the host)."""
         meta: dict = {}
         step = leaves_train_step(plan, strategy_, engine.transforms, meta, engine.precision)
-        spans = spans_logs(engine.config.steps_per_dispatch, engine.callbacks)
-        log_every = engine.config.log_every_n_steps if spans else None
         shardings = treedef.flatten_up_to(plan.shardings)
-        fused = FusedStep(step, meta, strategy_, shardings, log_every=log_every)
+        fused = FusedStep(step, meta, strategy_, shardings, log_every=engine.log_every_n_steps)
         names = jax.eval_shape(step, leaves, batch)[1]
         acc = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=strategy_.replicated()),

@@ -187,14 +187,34 @@ class StepOutputs(Mapping):
         return len(self.stacked)
 
 
-def replay(hooks: Any, engine: Any, hook: str, g0: int, b0: int, k: int, shapes, per_step=None):
-    """A batch hook for each of `k` steps of a dispatch from step `g0` / batch `b0`, with that
-    step's counters (and outputs, for the end hook); the counters are left as they were."""
-    end = hook == "on_train_batch_end"
+def replay_starts(hooks: Any, engine: Any, g0: int, b0: int, k: int, shapes: Any) -> None:
+    """`on_train_batch_start` for each of `k` steps of a dispatch from step `g0` / batch `b0`,
+    with that step's counters; the counters are left as they were."""
     for j in range(k):
-        engine.global_step, engine.batch_idx = g0 + j + end, b0 + j + end
-        if end:
-            hooks(hook, StepOutputs(per_step, j), shapes, b0 + j)
-        else:
-            hooks(hook, shapes, b0 + j)
+        engine.global_step, engine.batch_idx = g0 + j, b0 + j
+        hooks("on_train_batch_start", shapes, b0 + j)
     engine.global_step, engine.batch_idx = g0, b0
+
+
+def replay_ends(
+    hooks: Any,
+    engine: Any,
+    g0: int,
+    b0: int,
+    k: int,
+    shapes: Any,
+    per_step: Any,
+    logs: dict[int, Any],
+) -> None:
+    """After a dispatch of `k` steps from step `g0` / batch `b0`: each step's
+    `on_train_batch_end` with its counters and outputs, preceded at a log step `j` by `logs[j]()`
+    (the window it closed); the counters are left as they were."""
+    now = engine.global_step, engine.batch_idx
+    ends = hooks.has("on_train_batch_end")
+    for j in range(k) if ends else sorted(logs):
+        engine.global_step, engine.batch_idx = g0 + j + 1, b0 + j + 1
+        if j in logs:
+            logs[j]()
+        if ends:
+            hooks("on_train_batch_end", StepOutputs(per_step, j), shapes, b0 + j)
+    engine.global_step, engine.batch_idx = now

@@ -30,10 +30,10 @@ from meshfit.engine.run import control
 from meshfit.engine.run.device_metrics import DeviceMetrics
 from meshfit.engine.run.dispatch import (
     DispatchPlanner,
-    StepOutputs,
     fusion_blockers,
     observers_only,
-    replay,
+    replay_ends,
+    replay_starts,
     spans_logs,
 )
 from meshfit.engine.run.evaluate import EvalRun
@@ -91,8 +91,8 @@ class FitRun(EvalRun):
         every = config.val_every_n_steps if self.val_loader is not None else None
         multi = distributed.process_count() > 1
         self.preemption = PreemptionWatcher()
-        # A log step's host work may wait for the next dispatch; with "auto", a dispatch may
-        # also span log windows: it closes them on the device, the host logs each at its step.
+        # A dispatch's host work may wait for the next dispatch; with "auto", a dispatch may
+        # then also span log windows (the program closes them; the host logs each at its step).
         self.defer_logs = observers_only(engine.callbacks)
         self.spans_logs = spans_logs(config.steps_per_dispatch, engine.callbacks)
         self.planner = DispatchPlanner(
@@ -111,7 +111,7 @@ class FitRun(EvalRun):
             jax.tree.structure(plan.abstract).flatten_up_to(plan.shardings),
             rows=None if self.device_data is None else self.device_data.rows,
             k_max=self.planner.k_max,  # with data on the device, one program for every K
-            log_every=config.log_every_n_steps if self.spans_logs else None,
+            log_every=config.log_every_n_steps,
         )
         xs = self.feed.abstract_xs(self.batch_example)
         names = self.fused.metric_shapes(self.live.leaves, xs)
@@ -268,7 +268,6 @@ class FitRun(EvalRun):
         engine, hooks, live, window = self.engine, self.hooks, self.live, self.window
         in_flight = InFlight(self.in_flight_limit)
         start_hooks = hooks.has("on_train_batch_start")
-        end_hooks = hooks.has("on_train_batch_end")
         log_every, val_every = self.config.log_every_n_steps, self.config.val_every_n_steps
         validate_mid_epoch = self.val_loader is not None and val_every
         timings, n = engine.timings, engine.num_training_batches
@@ -281,7 +280,7 @@ class FitRun(EvalRun):
                 take = self.feed.epoch(engine, self.first_batches)
                 self.first_batches = None
             exhausted, epoch_start = True, engine.batch_idx
-            pending = None  # a log step's host work, run once the next dispatch is queued
+            pending = None  # a dispatch's host work, run once the next dispatch is queued
             while True:
                 k = self.planner.next_k(engine, None if n is None else n - engine.batch_idx)
                 xs, k, shapes = take(k) if k else (None, 0, None)
@@ -293,57 +292,32 @@ class FitRun(EvalRun):
                     with timings.phase("step"):  # device work (a slice), not waiting for data
                         shapes = jax.tree.map(lambda x: x[0], xs)  # the batch, not its shapes
                 if start_hooks:
-                    replay(hooks, engine, "on_train_batch_start", g0, b0, k, shapes)
+                    replay_starts(hooks, engine, g0, b0, k, shapes)
                 timings.begin_step(k)
                 until = log_every - g0 % log_every  # steps to the next log
                 leaves, acc, per_step, windows = self.fused(
                     k, live.leaves, window.acc, xs, window.fresh, until
                 )
                 live.advance(leaves)
-                closes = list(range(until - 1, k, log_every)) if self.spans_logs else []
+                closes = list(range(until - 1, k, log_every))  # the windows it closed
                 window.update(acc, k, closes[-1] + 1 if closes else None)
                 in_flight.add(per_step, k)
                 timings.switch("data")
-                if pending is not None:  # the last log step's, while this dispatch runs
+                if pending is not None:  # the last dispatch's, while this one runs
                     pending = pending()
-                if self.spans_logs:
-                    post = self.after_dispatch(g0, b0, k, shapes, per_step, windows, closes)
-                    g = engine.global_step = g0 + k
-                    engine.batch_idx = b0 + k
-                    hooks("on_train_dispatch_end", k)
-                    validate = validate_mid_epoch and g % val_every == 0
-                    preempted = self.preemption.requested(g)
-                    stop = engine.should_stop or self.reached_max_steps()
-                    if not (validate or preempted or stop or (n is not None and b0 + k >= n)):
-                        pending = post  # its logs and hooks, once the next dispatch is queued
-                        continue
-                    post()
-                    if validate:
-                        self.validation_pass(self.val_loader)
-                    if preempted:
-                        self.checkpoint_and_exit()
-                    if engine.should_stop or self.reached_max_steps():
-                        exhausted = n is not None and engine.batch_idx >= n
-                        break
-                    continue
-                if end_hooks and k > 1:
-                    replay(hooks, engine, "on_train_batch_end", g0, b0, k - 1, shapes, per_step)
+                post = self.after_dispatch(g0, b0, k, shapes, per_step, windows, closes)
                 g = engine.global_step = g0 + k
                 engine.batch_idx = b0 + k
                 hooks("on_train_dispatch_end", k)
-                end = StepOutputs(per_step, k - 1), shapes, b0 + k - 1
                 validate = validate_mid_epoch and g % val_every == 0
                 preempted = self.preemption.requested(g)
                 stop = engine.should_stop or self.reached_max_steps()
-                if g % log_every == 0:
-                    if self.defer_logs and not (
-                        validate or preempted or stop or (n is not None and b0 + k >= n)
-                    ):
-                        pending = self.deferred_log(end if end_hooks else None)
-                        continue  # nothing else happens at this step
-                    self.log_window()
-                if end_hooks:
-                    hooks("on_train_batch_end", *end)
+                if self.defer_logs and not (
+                    validate or preempted or stop or (n is not None and b0 + k >= n)
+                ):
+                    pending = post  # its logs and hooks, once the next dispatch is queued
+                    continue
+                post()
                 if validate:
                     self.validation_pass(self.val_loader)
                 if preempted:
@@ -391,46 +365,24 @@ class FitRun(EvalRun):
         max_steps = self.config.max_steps
         return max_steps is not None and self.engine.global_step >= max_steps
 
-    def deferred_log(self, end_hook: tuple | None) -> Any:
-        """This step's log (and batch-end hook), as a function to call once the next dispatch
-        is queued: the window restarts now, its values are read then."""
-        engine = self.engine
-        read, step, batch = self.window.detach(), engine.global_step, engine.batch_idx
-
-        def run() -> None:
-            now = engine.global_step, engine.batch_idx
-            engine.global_step, engine.batch_idx = step, batch
-            with engine.timings.phase("step"):  # reading the metrics waits for the device
-                metrics = read()
-            self.log(metrics)
-            if end_hook is not None:
-                self.hooks("on_train_batch_end", *end_hook)
-            engine.global_step, engine.batch_idx = now
-
-        return run
-
     def after_dispatch(self, g0, b0, k, shapes, per_step, windows, closes) -> Any:
-        """The host side of a dispatch that spans log windows, as a function: each step's
-        batch-end hook and each window the dispatch closed, logged at its step, in step order
-        (one read of the closed windows)."""
-        engine, end_hooks = self.engine, self.hooks.has("on_train_batch_end")
-        if closes:
-            for x in windows.values():
-                x.copy_to_host_async()
+        """The host side of a dispatch, as a function (run at once, or once the next dispatch
+        is queued when every hook only observes): each step's batch-end hook and each log
+        window the dispatch closed, logged at its step, in step order (one read of them)."""
+        engine = self.engine
+        for x in windows.values() if closes else ():
+            x.copy_to_host_async()
 
         def run() -> None:
-            now = engine.global_step, engine.batch_idx
+            host = {}
             if closes:
                 with engine.timings.phase("step"):  # reading the metrics waits for the device
                     host = jax.device_get(windows)
-            logs = {j: m for m, j in enumerate(closes)}
-            for j in range(k) if end_hooks else closes:
-                engine.global_step, engine.batch_idx = g0 + j + 1, b0 + j + 1
-                if j in logs:
-                    self.log(self.window.reduce({name: v[logs[j]] for name, v in host.items()}))
-                if end_hooks:
-                    self.hooks("on_train_batch_end", StepOutputs(per_step, j), shapes, b0 + j)
-            engine.global_step, engine.batch_idx = now
+            logs = {
+                j: lambda m=m: self.log(self.window.reduce({n: v[m] for n, v in host.items()}))
+                for m, j in enumerate(closes)
+            }
+            replay_ends(self.hooks, engine, g0, b0, k, shapes, per_step, logs)
 
         return run
 

@@ -75,10 +75,10 @@ class FusedStep:
         state_shardings: Any,
         rows: int | None = None,
         k_max: int | None = None,
-        log_every: int | None = None,
+        log_every: int = 1,
     ):
-        """`log_every`: a dispatch may span log windows; each one closed inside it comes back
-        in `windows` (else a window only ever closes at a dispatch's end, on the host)."""
+        """`log_every`: the log cadence; each log window closed inside a dispatch comes back in
+        its `windows` (so a dispatch may span several)."""
         # jitted inside: every K's program (and the shape queries) reuse one trace of the step
         self.step, self.meta, self.strategy = jax.jit(step), meta, strategy
         self.log_every = log_every
@@ -91,8 +91,8 @@ class FusedStep:
         self._metric_shapes: Any = None
 
     def __call__(self, k: int, leaves, acc, xs, fresh: bool = False, until: int = 0):
-        """`(leaves, acc, per-step metrics, closed windows)` after `k` steps; with `log_every`,
-        a window closes after the step `until` steps in, then every `log_every` steps."""
+        """`(leaves, acc, per-step metrics, closed windows)` after `k` steps; a log window
+        closes after the step `until` steps in, then every `log_every` steps."""
         self.used.add(k)
         scalar = self._scalar
         if self.rows is not None:  # (data, perm, start): the start batch as a device scalar
@@ -161,21 +161,20 @@ class FusedStep:
 
     def _body(self, xs: Any, empty: dict, until: jax.Array) -> Callable:
         """One step of the loop over `xs`: `(carry, j) -> (carry, metrics)`, the carry being
-        `(leaves, acc, windows, closed)`: with `log_every`, a window that closes after step
-        `j` is stored at `windows[closed]` and `acc` starts over (else `windows` is empty)."""
+        `(leaves, acc, windows, closed)`: a log window that closes after step `j` is stored at
+        `windows[closed]` and `acc` starts over."""
         meta, step, every = self.meta, self.step, self.log_every
 
         def body(carry, j):
             leaves, acc, windows, closed = carry
             leaves, metrics = step(leaves, self._batch(xs, j))
             acc = accumulate(acc, metrics, meta)
-            if every is not None:
-                closing = (j + 1 - until) % every == 0  # never for j + 1 < until <= every
-                windows = jax.tree.map(
-                    lambda w, a: w.at[closed].set(jnp.where(closing, a, w[closed])), windows, acc
-                )
-                acc = jax.tree.map(lambda e, a: jnp.where(closing, e, a), empty, acc)
-                closed = closed + closing.astype(jnp.int32)
+            closing = (j + 1 - until) % every == 0  # never for j + 1 < until <= every
+            windows = jax.tree.map(
+                lambda w, a: w.at[closed].set(jnp.where(closing, a, w[closed])), windows, acc
+            )
+            acc = jax.tree.map(lambda e, a: jnp.where(closing, e, a), empty, acc)
+            closed = closed + closing.astype(jnp.int32)
             return (leaves, acc, windows, closed), metrics
 
         return body
@@ -187,7 +186,7 @@ class FusedStep:
         def start(acc, fresh, until, xs):
             empty = empty_metrics(meta, {name: None for name in acc if name != COUNT})
             acc = jax.tree.map(lambda e, a: jnp.where(fresh, e, a), empty, acc)
-            slots = 0 if every is None else k // every + 1  # windows that can close in k steps
+            slots = k // every + 1  # the most windows that can close in k steps
             windows = jax.tree.map(lambda a: jnp.zeros((slots, *a.shape), a.dtype), acc)
             return self._body(xs, empty, until), (acc, windows, jnp.int32(0))
 

@@ -94,13 +94,19 @@ class FusedStep:
         """`(leaves, acc, per-step metrics, closed windows)` after `k` steps; a log window
         closes after the step `until` steps in, then every `log_every` steps."""
         self.used.add(k)
+        program, args = self._bind(k, leaves, acc, xs, fresh, until)
+        return program(*args)
+
+    def _bind(self, k: int, leaves, acc, xs, fresh: bool, until: int) -> tuple[Any, tuple]:
+        """The jitted program for `k` steps and its arguments (the scalars as device scalars:
+        calls and `compile` see the same argument kinds, so the same program)."""
         scalar = self._scalar
-        if self.rows is not None:  # (data, perm, start): the start batch as a device scalar
+        if self.rows is not None:  # (data, perm, start): the start batch
             xs = (*xs[:2], scalar(np.int32, xs[2]))
         args = (leaves, acc, scalar(np.bool_, fresh), scalar(np.int32, until), xs)
         if self.k_max is not None:
-            return self._get(self.k_max, xs)(*args, scalar(np.int32, k))
-        return self._get(k, xs)(*args)
+            return self._get(self.k_max, xs), (*args, scalar(np.int32, k))
+        return self._get(k, xs), args
 
     def _scalar(self, dtype: Any, value: Any) -> Any:
         """A dispatch's scalar argument, as a cached device array in single-process runs: a
@@ -122,13 +128,8 @@ class FusedStep:
 
     def compile(self, k: int, leaves, acc, xs) -> Any:
         """The compiled K-step dispatch (for its memory and FLOPs analyses)."""
-        scalar = self._scalar  # the same argument kinds as the calls: the same program
-        if self.rows is not None:
-            xs = (*xs[:2], scalar(np.int32, xs[2]))
-        args = (leaves, acc, scalar(np.bool_, False), scalar(np.int32, 0), xs)
-        if self.k_max is not None:
-            return self._get(self.k_max, xs).lower(*args, scalar(np.int32, k)).compile()
-        return self._get(k, xs).lower(*args).compile()
+        program, args = self._bind(k, leaves, acc, xs, False, 0)
+        return program.lower(*args).compile()
 
     def _get(self, k: int, xs: Any) -> Any:
         key = (k, jax.tree.structure(xs))

@@ -6,20 +6,27 @@ measured in the same process:
 
   (a) the limit: pure `jax.jit`, donated state, every batch already on the device, one step
       per call;
-  (b) the same fed a shuffled NumPy batch each step (gathered and `device_put` per step).
+  (b) the same fed a shuffled NumPy batch each step (gathered and `device_put` per step);
+  (c) for reference, a hand-written fused loop: the data on the device, `lax.scan` over up to
+      128 steps per call, each step's rows gathered through the epoch's permutation on the
+      device (what "auto" does, without metrics, hooks or the NaN guard).
 
 Each configuration runs a short and a long fit (or loop) from a fresh start; the steady state
 is (long - short) time over (long - short) steps, so start-up cancels (a persistent compilation
-cache makes every repeat after the first load its programs rather than compile them). Repeats
-interleave every configuration, and each keeps its best time (on a shared machine drift only
-adds time). One CPU device is configured.
+cache makes every repeat after the first load its programs rather than compile them). The
+lengths are set per workload so that the steady part of the fastest runner takes a good part
+of a second: a whole fit's start-up varies by tens of ms, which must not decide the figure.
+Repeats interleave every configuration, in reversed order every other round (a run must not
+always follow the same one), each after a garbage collection, and each configuration keeps
+its best time (on a shared machine drift only adds time). One CPU device is configured.
 
-    python benchmarks/overhead.py [--repeats 3] [--short 1] [--long 5] [--only 64]
+    python benchmarks/overhead.py [--repeats 3] [--scale 1.0] [--only 64]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import os
 import tempfile
@@ -31,6 +38,7 @@ os.environ["XLA_FLAGS"] = (
 )
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -44,10 +52,10 @@ jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="overhead
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
-WORKLOADS = {  # name: (layer sizes, batch size, rows)
-    "64-32-10": ((64, 32, 10), 32, 32768),
-    "784-256-256-10": ((784, 256, 256, 10), 64, 16384),
-    "784-1024-1024-10": ((784, 1024, 1024, 10), 256, 8192),
+WORKLOADS = {  # name: (layer sizes, batch size, rows, (short, long) epochs)
+    "64-32-10": ((64, 32, 10), 32, 32768, (2, 40)),
+    "784-256-256-10": ((784, 256, 256, 10), 64, 16384, (2, 16)),
+    "784-1024-1024-10": ((784, 1024, 1024, 10), 256, 8192, (2, 10)),
 }
 
 
@@ -112,6 +120,41 @@ def run_limit(sizes, batch, data, epochs):
     return time.perf_counter() - start
 
 
+def hand_written_scan(sizes, batch):
+    """(jitted donated K-step call, params, opt_state): step j of a call takes the rows
+    perm[(start + j) * batch : ...] of the device-resident data."""
+    step, params, opt = hand_written_step(sizes)
+    step = step.__wrapped__  # the plain function, traced inside the scan
+
+    def fused(params, opt, x, y, perm, start, k):
+        def body(carry, j):
+            idx = jax.lax.dynamic_slice(perm, ((start + j) * batch,), (batch,))
+            params, opt, loss = step(*carry, x[idx], y[idx])
+            return (params, opt), loss
+
+        (params, opt), losses = jax.lax.scan(body, (params, opt), jnp.arange(k))
+        return params, opt, losses[-1]
+
+    return jax.jit(fused, donate_argnums=(0, 1), static_argnums=6), params, opt
+
+
+def run_scan(sizes, batch, data, epochs):
+    """(c): data on the device, up to 128 steps per call, the permutation gathered inside."""
+    x, y = jax.device_put(data)
+    rows = len(data[0])
+    per_epoch = rows // batch
+    k = min(128, per_epoch)
+    fused, params, opt = hand_written_scan(sizes, batch)
+    jax.block_until_ready((x, y))
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        perm = jax.device_put(np.random.default_rng([0, epoch]).permutation(rows).astype(np.int32))
+        for first in range(0, per_epoch - k + 1, k):
+            params, opt, loss = fused(params, opt, x, y, perm, np.int32(first), k)
+    jax.block_until_ready((params, loss))
+    return time.perf_counter() - start
+
+
 def run_fed(sizes, batch, data, epochs):
     """(b): a shuffled NumPy batch gathered and transferred each step."""
     x, y = data
@@ -143,18 +186,21 @@ def run_meshfit(sizes, batch, data, epochs, spd, root):
 RUNNERS = {
     "limit (a)": lambda s, b, d, e, root: run_limit(s, b, d, e),
     "fed (b)": lambda s, b, d, e, root: run_fed(s, b, d, e),
+    "scan (c)": lambda s, b, d, e, root: run_scan(s, b, d, e),
     "meshfit spd=1": lambda s, b, d, e, root: run_meshfit(s, b, d, e, 1, root),
     "meshfit auto": lambda s, b, d, e, root: run_meshfit(s, b, d, e, "auto", root),
 }
 
 
-def measure(name, repeats, short, long, root):
+def measure(name, repeats, scale, root):
     """Steady-state steps/s per runner: best-of-N long minus best-of-N short."""
-    sizes, batch, rows = WORKLOADS[name]
+    sizes, batch, rows, (short, long) = WORKLOADS[name]
+    long = max(short + 1, round(long * scale))
     data = make_data(sizes, rows)
     best = {(r, e): float("inf") for r in RUNNERS for e in (short, long)}
-    for _ in range(repeats):  # interleaved: every runner and length in each round
-        for (runner, epochs), _t in best.items():
+    for round_ in range(repeats):  # interleaved: every runner and length in each round
+        for runner, epochs in list(best)[:: -1 if round_ % 2 else 1]:
+            gc.collect()
             took = RUNNERS[runner](sizes, batch, data, epochs, root)
             best[runner, epochs] = min(best[runner, epochs], took)
     steps = (long - short) * (rows // batch)
@@ -164,22 +210,25 @@ def measure(name, repeats, short, long, root):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3, help="best of N per configuration")
-    parser.add_argument("--short", type=int, default=1, help="epochs of the short runs")
-    parser.add_argument("--long", type=int, default=5, help="epochs of the long runs")
+    parser.add_argument("--scale", type=float, default=1.0, help="long runs' epochs times this")
     parser.add_argument("--only", default=None, help="workloads whose name starts with this")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as root:
         for name in WORKLOADS:
             if args.only and not name.startswith(args.only):
                 continue
-            rates = measure(name, args.repeats, args.short, args.long, root)
-            a, b = rates["limit (a)"], rates["fed (b)"]
+            rates = measure(name, args.repeats, args.scale, root)
+            a, b, c = rates["limit (a)"], rates["fed (b)"], rates["scan (c)"]
             print(
-                f"MLP {name} batch {WORKLOADS[name][1]}: limit (a) {a:.0f} steps/s, fed (b) {b:.0f}"
+                f"MLP {name} batch {WORKLOADS[name][1]}: limit (a) {a:.0f} steps/s, "
+                f"fed (b) {b:.0f}, scan (c) {c:.0f} (/ (a) {c / a:.2f})"
             )
             for runner in ("meshfit spd=1", "meshfit auto"):
                 r = rates[runner]
-                print(f"  {runner:14s} {r:8.0f} steps/s   / (a) {r / a:.2f}   / (b) {r / b:.2f}")
+                print(
+                    f"  {runner:14s} {r:8.0f} steps/s   / (a) {r / a:.2f}   / (b) {r / b:.2f}"
+                    f"   / (c) {r / c:.2f}"
+                )
 
 
 if __name__ == "__main__":

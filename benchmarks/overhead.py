@@ -16,7 +16,8 @@ is (long - short) time over (long - short) steps, so start-up cancels (a persist
 cache makes every repeat after the first load its programs rather than compile them). The
 lengths are set per workload so that the steady part of the fastest runner takes a good part
 of a second: a whole fit's start-up varies by tens of ms, which must not decide the figure.
-Repeats interleave every configuration, in reversed order every other round (a run must not
+One unmeasured run of each configuration fills the compilation cache first. Repeats
+interleave every configuration, in reversed order every other round (a run must not
 always follow the same one), each after a garbage collection, and each configuration keeps
 its best time (on a shared machine drift only adds time). One CPU device is configured.
 
@@ -45,6 +46,7 @@ from flax import nnx
 
 from meshfit import Engine, TrainModule
 from meshfit.callbacks import ProgressBar
+from meshfit.engine.data.arrays import epoch_order
 
 # Every fit builds its programs anew; with this cache a repeat loads them instead of compiling,
 # so the long and short runs cost the same start-up (a long run may need more dispatch sizes).
@@ -82,8 +84,9 @@ def make_data(sizes, rows):
     return x, rng.integers(0, sizes[-1], rows).astype(np.int32)
 
 
-def hand_written_step(sizes):
-    """(jitted donated step, params, opt_state) for the same model and optimizer."""
+def plain_step(sizes):
+    """(step, params, opt_state) for the same model and optimizer; the step is unjitted (the
+    loops below jit it, or trace it inside their scan)."""
     module = MLP(sizes, nnx.Rngs(0))
     tx = module.configure_optimizers()
     graphdef, params = nnx.split(module, nnx.Param)
@@ -97,12 +100,18 @@ def hand_written_step(sizes):
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    return jax.jit(step, donate_argnums=(0, 1)), params, tx.init(params)
+    return step, params, tx.init(params)
+
+
+def hand_written_step(sizes):
+    """(jitted donated step, params, opt_state)."""
+    step, params, opt = plain_step(sizes)
+    return jax.jit(step, donate_argnums=(0, 1)), params, opt
 
 
 def orders(rows, batch, epochs):
     for epoch in range(epochs):
-        order = np.random.default_rng([0, epoch]).permutation(rows)
+        order = epoch_order(rows, 0, epoch, shuffle=True)  # meshfit's own (seed 0)
         for i in range(rows // batch):
             yield order[i * batch : (i + 1) * batch]
 
@@ -123,8 +132,7 @@ def run_limit(sizes, batch, data, epochs):
 def hand_written_scan(sizes, batch):
     """(jitted donated K-step call, params, opt_state): step j of a call takes the rows
     perm[(start + j) * batch : ...] of the device-resident data."""
-    step, params, opt = hand_written_step(sizes)
-    step = step.__wrapped__  # the plain function, traced inside the scan
+    step, params, opt = plain_step(sizes)
 
     def fused(params, opt, x, y, perm, start, k):
         def body(carry, j):
@@ -143,13 +151,13 @@ def run_scan(sizes, batch, data, epochs):
     x, y = jax.device_put(data)
     rows = len(data[0])
     per_epoch = rows // batch
-    k = min(128, per_epoch)
     fused, params, opt = hand_written_scan(sizes, batch)
     jax.block_until_ready((x, y))
     start = time.perf_counter()
     for epoch in range(epochs):
-        perm = jax.device_put(np.random.default_rng([0, epoch]).permutation(rows).astype(np.int32))
-        for first in range(0, per_epoch - k + 1, k):
+        perm = jax.device_put(epoch_order(rows, 0, epoch, shuffle=True).astype(np.int32))
+        for first in range(0, per_epoch, 128):  # a shorter last call for a remainder
+            k = min(128, per_epoch - first)
             params, opt, loss = fused(params, opt, x, y, perm, np.int32(first), k)
     jax.block_until_ready((params, loss))
     return time.perf_counter() - start
@@ -197,6 +205,8 @@ def measure(name, repeats, scale, root):
     sizes, batch, rows, (short, long) = WORKLOADS[name]
     long = max(short + 1, round(long * scale))
     data = make_data(sizes, rows)
+    for runner in RUNNERS:  # unmeasured: compiles once, so every measured run loads programs
+        RUNNERS[runner](sizes, batch, data, short, root)
     best = {(r, e): float("inf") for r in RUNNERS for e in (short, long)}
     for round_ in range(repeats):  # interleaved: every runner and length in each round
         for runner, epochs in list(best)[:: -1 if round_ % 2 else 1]:
@@ -204,7 +214,17 @@ def measure(name, repeats, scale, root):
             took = RUNNERS[runner](sizes, batch, data, epochs, root)
             best[runner, epochs] = min(best[runner, epochs], took)
     steps = (long - short) * (rows // batch)
-    return {r: steps / max(best[r, long] - best[r, short], 1e-9) for r in RUNNERS}
+    rates = {}
+    for r in RUNNERS:
+        steady = best[r, long] - best[r, short]
+        if steady <= 0:
+            raise SystemExit(
+                f"{name}, {r}: the {long}-epoch run took no longer than the {short}-epoch one "
+                f"({best[r, long]:.3f} s vs {best[r, short]:.3f} s): noise decided. Use a "
+                "larger --scale or more --repeats."
+            )
+        rates[r] = steps / steady
+    return rates
 
 
 def main():

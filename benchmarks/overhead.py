@@ -205,8 +205,8 @@ def measure(name, repeats, scale, root):
     sizes, batch, rows, (short, long) = WORKLOADS[name]
     long = max(short + 1, round(long * scale))
     data = make_data(sizes, rows)
-    for runner in RUNNERS:  # unmeasured: compiles once, so every measured run loads programs
-        RUNNERS[runner](sizes, batch, data, short, root)
+    for run in RUNNERS.values():  # unmeasured: compiles once, so every measured run loads
+        run(sizes, batch, data, short, root)  # its programs
     best = {(r, e): float("inf") for r in RUNNERS for e in (short, long)}
     for round_ in range(repeats):  # interleaved: every runner and length in each round
         for runner, epochs in list(best)[:: -1 if round_ % 2 else 1]:

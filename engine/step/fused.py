@@ -1,5 +1,5 @@
-"""The fused dispatch: K optimizer steps in one compiled call (`lax.scan` over the step), the
-logged metrics kept on the device and folded into log windows after the loop.
+"""The fused dispatch: K optimizer steps in one compiled call (`lax.scan` over the step), with
+the logged metrics accumulated on the device in the carry.
 
 Two batch sources: stacked host batches (leading axis K, placed once per dispatch) or data
 resident on the device, each step's rows gathered through the epoch's permutation. The scan
@@ -8,7 +8,6 @@ body is the same pure step as one dispatch per step, so K steps are bitwise equa
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -35,49 +34,19 @@ def empty_metrics(meta: dict[str, MetricMeta], shapes: dict[str, Any]) -> dict[s
     return out
 
 
-PADDING = {"mean": -0.0, "sum": -0.0, "max": -jnp.inf, "min": jnp.inf}  # x op pad == x, bitwise
-COMBINE = {"mean": jnp.add, "sum": jnp.add, "max": jnp.maximum, "min": jnp.minimum}
-UNROLL = 128  # a window folded in at most this many steps is unrolled (one fusion)
-
-
-def fold_windows(
-    per_step: dict, k: int, n: Any, acc: dict, fresh: Any, until: Any, every: int, meta: dict
-) -> tuple[dict, dict]:
-    """The log windows of a dispatch's `n` steps, from their metrics (`per_step`, leading axis
-    `k` >= n): `(acc, closed)`, the accumulator after the last step and each window closed,
-    in step order. A window closes after the step `until` steps in, then every `every` steps;
-    the first continues `acc` (or starts empty, `fresh`).
-
-    Each window is a left fold in step order (float32; a mean is a sum, divided by the count
-    on the host; NaN wins max and min, as NumPy): the float operations of accumulating step by
-    step, so bitwise equal for every K. Folded after the loop, a step runs no bookkeeping (in
-    the loop it was ~10 tiny kernels a step, a fifth of a small MLP's step on CPU)."""
-    rows, length = k // every + 2, min(every, k)  # the windows (the last one open), longest
-    first = (until - 1) % every + 1  # the first window closes after this many steps
-    row = jnp.arange(rows)[:, None]
-    begin = jnp.where(row == 0, 0, first + (row - 1) * every)
-    idx = begin + jnp.arange(length)[None, :]
-    valid = (idx < first + row * every) & (idx < n)
-    closed = jnp.where(n >= first, (n - first) // every + 1, 0)
-    empty = empty_metrics(meta, {name: None for name in acc if name != COUNT})
-    values = {**per_step, COUNT: jnp.ones((k,), jnp.float32)}
-    out = {}
-    for name, empty_value in empty.items():
-        reduce = "sum" if name == COUNT else meta.get(name, MetricMeta()).reduce
-        combine, v = COMBINE[reduce], jnp.asarray(values[name], jnp.float32)
-        grid = jnp.where(valid, v[jnp.clip(idx, 0, k - 1)], jnp.float32(PADDING[reduce]))
-        start = jnp.where(row[:, 0] == 0, jnp.where(fresh, empty_value, acc[name]), empty_value)
-        out[name] = fold_columns(combine, start, grid)
-    return {name: f[closed] for name, f in out.items()}, {name: f[:-1] for name, f in out.items()}
-
-
-def fold_columns(combine: Callable, start: jax.Array, grid: jax.Array) -> jax.Array:
-    """`combine` of `start` with `grid`'s columns, left to right (unrolled when short)."""
-    if grid.shape[1] > UNROLL:
-        return jax.lax.fori_loop(0, grid.shape[1], lambda p, f: combine(f, grid[:, p]), start)
-    for p in range(grid.shape[1]):
-        start = combine(start, grid[:, p])
-    return start
+def accumulate(acc: dict, metrics: dict, meta: dict[str, MetricMeta]) -> dict:
+    """`acc` with one more step's metrics (float32; mean as a sum divided by the count on the
+    host; NaN wins max and min, as NumPy)."""
+    out = dict(acc)
+    for name, value in metrics.items():
+        v = jnp.asarray(value, jnp.float32)
+        reduce = meta.get(name, MetricMeta()).reduce
+        if reduce in ("mean", "sum"):
+            out[name] = acc[name] + v
+        else:
+            out[name] = (jnp.maximum if reduce == "max" else jnp.minimum)(acc[name], v)
+    out[COUNT] = acc[COUNT] + 1.0
+    return out
 
 
 def stacked_sharding(strategy: Strategy, ndim: int) -> NamedSharding:
@@ -191,35 +160,69 @@ class FusedStep:
             data,
         )
 
+    def _body(self, xs: Any, empty: dict, until: jax.Array) -> Callable:
+        """One step of the loop over `xs`: `(carry, j) -> (carry, metrics)`, the carry being
+        `(leaves, acc, windows, closed)`: a log window that closes after step `j` is stored at
+        `windows[closed]` and `acc` starts over."""
+        meta, step, every = self.meta, self.step, self.log_every
+
+        def body(carry, j):
+            leaves, acc, windows, closed = carry
+            leaves, metrics = step(leaves, self._batch(xs, j))
+            acc = accumulate(acc, metrics, meta)
+            closing = (j + 1 - until) % every == 0  # never for j + 1 < until <= every
+            windows = jax.tree.map(
+                lambda w, a: w.at[closed].set(jnp.where(closing, a, w[closed])), windows, acc
+            )
+            acc = jax.tree.map(lambda e, a: jnp.where(closing, e, a), empty, acc)
+            closed = closed + closing.astype(jnp.int32)
+            return (leaves, acc, windows, closed), metrics
+
+        return body
+
     def _program(self, k: int) -> Callable:
-        """K steps as one function; with `k_max`, any `n <= k` steps (the count an argument).
-        The loop runs the step and stores its metrics, nothing else: the log windows are
-        folded from the stored metrics afterwards (`fold_windows`)."""
-        meta, every, step = self.meta, self.log_every, self.step
-        windows = functools.partial(fold_windows, every=every, meta=meta)
+        """K steps as one function; with `k_max`, any `n <= k` steps (the count an argument)."""
+        meta, every = self.meta, self.log_every
+
+        def start(acc, fresh, until, xs):
+            empty = empty_metrics(meta, {name: None for name in acc if name != COUNT})
+            acc = jax.tree.map(lambda e, a: jnp.where(fresh, e, a), empty, acc)
+            slots = k // every + 1  # the most windows that can close in k steps
+            windows = jax.tree.map(lambda a: jnp.zeros((slots, *a.shape), a.dtype), acc)
+            return self._body(xs, empty, until), (acc, windows, jnp.int32(0))
+
+        if k == 1:  # no loop: a one-trip loop costs ~5% of a small model's step on CPU
+
+            def fused_train_step(leaves, acc, fresh, until, xs, n=None):  # n is 1 here
+                body, (acc, windows, closed) = start(acc, fresh, until, xs)
+                (leaves, acc, windows, _), metrics = body((leaves, acc, windows, closed), 0)
+                return leaves, acc, jax.tree.map(lambda m: m[None], metrics), windows
+
+            return fused_train_step
 
         if self.k_max is None:
 
             def fused_train_step(leaves, acc, fresh, until, xs):  # the name profiles show
-                body = lambda lv, j: step(lv, self._batch(xs, j))  # noqa: E731
-                leaves, per_step = jax.lax.scan(body, leaves, jnp.arange(k))
-                acc, closed = windows(per_step, k, k, acc, fresh, until)
-                return leaves, acc, per_step, closed
+                body, (acc, windows, closed) = start(acc, fresh, until, xs)
+                carry = (leaves, acc, windows, closed)
+                (leaves, acc, windows, _), per_step = jax.lax.scan(body, carry, jnp.arange(k))
+                return leaves, acc, per_step, windows
 
             return fused_train_step
 
         def fused_train_step(leaves, acc, fresh, until, xs, n):  # the same name in profiles
+            body, (acc, windows, closed) = start(acc, fresh, until, xs)
             one = self.metric_shapes(leaves, xs)
             padded = jax.tree.map(lambda m: jnp.zeros((k, *m.shape), m.dtype), one)
 
             def loop(j, carry):
-                leaves, per_step = carry
-                leaves, metrics = step(leaves, self._batch(xs, j))
-                return leaves, jax.tree.map(lambda p, m: p.at[j].set(m), per_step, metrics)
+                state, per_step = carry
+                state, metrics = body(state, j)
+                return state, jax.tree.map(lambda p, m: p.at[j].set(m), per_step, metrics)
 
-            leaves, per_step = jax.lax.fori_loop(0, n, loop, (leaves, padded))
-            acc, closed = windows(per_step, k, n, acc, fresh, until)
-            return leaves, acc, per_step, closed
+            init = ((leaves, acc, windows, closed), padded)
+            (leaves, acc, windows, _), per_step = jax.lax.fori_loop(0, n, loop, init)
+            return leaves, acc, per_step, windows
 
         return fused_train_step
 

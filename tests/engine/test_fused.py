@@ -1,8 +1,6 @@
 """Fused dispatch (steps_per_dispatch) and data on the device: bitwise equal to one step per
 dispatch, same logged metrics, same hooks, few compiled sizes, clear errors."""
 
-import functools
-
 import jax
 import numpy as np
 import pytest
@@ -10,9 +8,7 @@ from flax import nnx
 
 from meshfit import Engine
 from meshfit.callbacks import Callback, ModelCheckpoint
-from meshfit.engine.module import MetricMeta
 from meshfit.engine.run.dispatch import dispatch_sizes
-from meshfit.engine.step.fused import COUNT, fold_windows
 from meshfit.strategies import available_strategies
 from tests.models import MLP, classification_data, quiet
 
@@ -242,48 +238,3 @@ def test_warn_mode_skips_only_the_bad_step_inside_a_dispatch():
         assert int(engine.state.step) == 8  # 10 steps, 2 skipped
         runs.append([np.asarray(p) for p in jax.tree.leaves(nnx.state(module, nnx.Param))])
     assert all(np.array_equal(a, b) for a, b in zip(*runs, strict=True))
-
-
-def _same_bits(a, b):
-    a, b = np.float32(a), np.float32(b)
-    return (np.isnan(a) and np.isnan(b)) or (a == b and np.signbit(a) == np.signbit(b))
-
-
-@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # inf - inf, as on the device
-@pytest.mark.parametrize(("k", "every"), [(1, 4), (7, 1), (13, 4), (16, 5), (6, 50)])
-def test_log_windows_fold_like_step_by_step_accumulation_bitwise(k, every):
-    """`fold_windows` (after the loop) against accumulating step by step in float32, over
-    signed zeros, infinities, NaN and sums that depend on their order."""
-    meta = {"m": MetricMeta("mean"), "s": MetricMeta("sum"), "hi": MetricMeta("max")}
-    meta["lo"] = MetricMeta("min")
-    rng = np.random.default_rng(k * 100 + every)
-    pool = np.float32([-0.0, 0.0, 1e8, -1e8, 1e-3, 3.3, np.inf, -np.inf, np.nan])
-    fold = jax.jit(functools.partial(fold_windows, k=k, every=every, meta=meta))
-    start = {"mean": 0.0, "sum": 0.0, "max": -np.inf, "min": np.inf}
-    for trial in range(12):
-        values = {
-            name: rng.choice(pool, k) if trial % 3 == 0 else rng.normal(size=k).astype(np.float32)
-            for name in meta
-        }
-        acc_in = {name: np.float32(rng.choice(pool[:6])) for name in meta}
-        acc_in[COUNT] = np.float32(trial)
-        n, until, fresh = int(rng.integers(0, k + 1)), int(rng.integers(1, every + 1)), trial % 2
-        acc, closed = fold(values, n=n, acc=acc_in, fresh=fresh, until=until)
-
-        ref = {
-            name: np.float32(start[meta[name].reduce] if fresh else acc_in[name]) for name in meta
-        }
-        ref[COUNT] = np.float32(0.0 if fresh else acc_in[COUNT])
-        windows = []
-        for j in range(n):
-            for name, m in meta.items():
-                op = {"max": np.maximum, "min": np.minimum}.get(m.reduce, np.add)
-                ref[name] = np.float32(op(ref[name], values[name][j]))
-            ref[COUNT] = np.float32(ref[COUNT] + np.float32(1.0))
-            if (j + 1 - until) % every == 0:
-                windows.append(ref)
-                ref = {name: np.float32(start[m.reduce]) for name, m in meta.items()}
-                ref[COUNT] = np.float32(0.0)
-        assert all(_same_bits(acc[name], ref[name]) for name in ref)
-        for i, window in enumerate(windows):
-            assert all(_same_bits(closed[name][i], window[name]) for name in window)

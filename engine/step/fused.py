@@ -191,7 +191,7 @@ class FusedStep:
             windows = jax.tree.map(lambda a: jnp.zeros((slots, *a.shape), a.dtype), acc)
             return self._body(xs, empty, until), (acc, windows, jnp.int32(0))
 
-        if k == 1:  # no loop: a one-trip loop costs ~5% of a small model's step on CPU
+        if k == 1:  # no loop: a one-trip loop cost ~3% of MLP 64-32-10's step on CPU (paired)
 
             def fused_train_step(leaves, acc, fresh, until, xs, n=None):  # n is 1 here
                 body, (acc, windows, closed) = start(acc, fresh, until, xs)

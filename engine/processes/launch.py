@@ -17,6 +17,7 @@ import argparse
 import codecs
 import contextlib
 import os
+import random
 import re
 import signal
 import socket
@@ -29,8 +30,29 @@ from typing import Any
 from meshfit.engine.checkpoint.preemption import PREEMPTED_EXIT_CODE
 from meshfit.engine.processes import distributed
 
+EPHEMERAL_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
+LOWEST_PORT = 10000  # coordinator ports are drawn from here up to the ephemeral range
+
 
 def free_port() -> int:
+    """A free local TCP port for the coordinator, below the kernel's ephemeral range where it
+    has one: a port from that range, once released, can go to another process's `bind(0)` or
+    outgoing connection before the coordinator binds it, and a concurrent launch on the same
+    port joins the wrong job and waits out the initialization timeout."""
+    try:
+        with open(EPHEMERAL_RANGE) as f:
+            ephemeral_low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 0
+    draw = random.SystemRandom()  # independent of any seed the caller set
+    for _ in range(64 if ephemeral_low > LOWEST_PORT else 0):
+        port = draw.randrange(LOWEST_PORT, ephemeral_low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

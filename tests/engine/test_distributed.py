@@ -1,9 +1,11 @@
 """Multi-process training with `meshfit launch`: parity with one process, failures, bad setups."""
 
 import os
+import queue
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -73,14 +75,20 @@ def test_children_leave_when_the_launcher_is_killed(tmp_path):
         stderr=subprocess.STDOUT,
         text=True,
     )
-    pids = []
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+    pids, seen = [], []
     deadline = time.monotonic() + 60
-    while len(pids) < 2 and time.monotonic() < deadline:
-        line = proc.stdout.readline()
+    while len(pids) < 2 and time.monotonic() < deadline:  # a hung start fails here, not later
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        seen.append(line)
         if " pid " in f" {line}":
             pids.append(int(line.split()[-1]))
     try:
-        assert len(pids) == 2, "the children did not start"
+        assert len(pids) == 2, "the children did not start:\n" + "".join(seen)
         proc.kill()
         proc.wait(timeout=10)
         deadline = time.monotonic() + 15
@@ -174,6 +182,24 @@ def test_environment_layouts():
         3,
         1,
     )
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_coordinator_ports_are_free_and_below_the_ephemeral_range():
+    """Ports the kernel hands out for `bind(0)` and outgoing connections can be taken between
+    the launcher's pick and the coordinator's bind; the launcher draws below that range."""
+    import socket
+
+    from meshfit.launch import free_port
+
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral_low = int(f.read().split()[0])
+    ports = [free_port() for _ in range(20)]
+    assert all(10000 <= p < ephemeral_low for p in ports), ports
+    assert len(set(ports)) > 1  # drawn, not one fixed port
+    for p in ports[:3]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))  # free, as promised
 
 
 def test_unreachable_coordinator_fails_clearly(tmp_path):

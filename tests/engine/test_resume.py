@@ -192,11 +192,9 @@ def test_restore_reshards_onto_another_strategy(tmp_path, target):
 def test_two_processes_agree_on_preemption_and_save_one_checkpoint(tmp_path):
     """SIGTERM reaches only rank 1; both ranks stop at the same step (the flag is OR-reduced
     every 10 steps), write one checkpoint together and exit with PREEMPTED_EXIT_CODE."""
-    import socket
+    from meshfit.launch import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     d = str(tmp_path / "mp")
     job = json.dumps([dict(max_steps=60, dir=d, sleep=0.05)])
     procs = []

@@ -39,23 +39,33 @@ def free_port() -> int:
     has one: a port from that range, once released, can go to another process's `bind(0)` or
     outgoing connection before the coordinator binds it, and a concurrent launch on the same
     port joins the wrong job and waits out the initialization timeout."""
-    try:
-        with open(EPHEMERAL_RANGE) as f:
-            ephemeral_low = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        ephemeral_low = 0
-    draw = random.SystemRandom()  # independent of any seed the caller set
-    for _ in range(64 if ephemeral_low > LOWEST_PORT else 0):
-        port = draw.randrange(LOWEST_PORT, ephemeral_low)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
+    low = ephemeral_low()
+    if low > LOWEST_PORT:
+        draw = random.SystemRandom()  # independent of any seed the caller set
+        for port in (draw.randrange(LOWEST_PORT, low) for _ in range(64)):
+            if _binds(port):
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (0 where it is not known)."""
+    try:
+        with open(EPHEMERAL_RANGE) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _binds(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -93,38 +103,64 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 class RankOutput:
-    """The launcher's stdout, shared by the children: text is forwarded as it arrives, each
-    line and each carriage-return segment prefixed with its rank, so a child's progress bar
-    stays one live line. When another rank writes while a line is unfinished, that line is
-    ended first, and the unfinished one continues below with its prefix."""
+    """The launcher's stdout, shared by the children, each line and each carriage-return
+    segment prefixed with its rank. A plain line is forwarded whole, at its newline (an
+    unbuffered child writes `print("pid", 7)` in pieces, which another rank's output could
+    split). Text after a carriage return is forwarded as it arrives, so a progress bar stays
+    one live line; when another rank writes meanwhile, that line is ended first and continues
+    below with its prefix."""
 
     def __init__(self, stream: Any = None):
         self.stream = stream
         self.lock = threading.Lock()
         self.owner: int | None = None  # the rank whose text is on the current terminal line
         self.fresh: dict[int, bool] = {}  # per rank: the next text starts a new segment
+        self.live: dict[int, bool] = {}  # per rank: its current segment follows a "\r"
+        self.held: dict[int, str] = {}  # per rank: a plain line's text before its newline
 
     def write(self, rank: int, text: str) -> None:
         out: list[str] = []
         with self.lock:
             for piece in filter(None, _SEGMENTS.split(text)):
-                fresh = self.fresh.get(rank, True)
-                if piece == "\r":
-                    if self.owner == rank:
-                        out.append("\r")
-                    self.fresh[rank] = True
+                if piece not in ("\r", "\n") and not self.live.get(rank, False):
+                    self.held[rank] = self.held.get(rank, "") + piece
                     continue
-                if self.owner not in (None, rank):  # end another rank's unfinished line
-                    out.append("\n")
-                    self.owner = None
-                if piece == "\n":
-                    out.append("\n" if self.owner == rank else f"[rank {rank}]\n")
-                    self.owner, self.fresh[rank] = None, True
-                    continue
-                if fresh or self.owner != rank:
-                    out.append(f"[rank {rank}] ")
-                out.append(piece)
-                self.owner, self.fresh[rank] = rank, False
+                if held := self.held.pop(rank, ""):
+                    self._emit(rank, held, out)
+                self._emit(rank, piece, out)
+                if piece in ("\r", "\n"):
+                    self.live[rank] = piece == "\r"
+            self._flush(out)
+
+    def end(self, rank: int) -> None:
+        """The rank's stream ended: forward what it left without a newline."""
+        out: list[str] = []
+        with self.lock:
+            if held := self.held.pop(rank, ""):
+                self._emit(rank, held, out)
+            self._flush(out)
+
+    def _emit(self, rank: int, piece: str, out: list[str]) -> None:
+        fresh = self.fresh.get(rank, True)
+        if piece == "\r":
+            if self.owner == rank:
+                out.append("\r")
+            self.fresh[rank] = True
+            return
+        if self.owner not in (None, rank):  # end another rank's unfinished line
+            out.append("\n")
+            self.owner = None
+        if piece == "\n":
+            out.append("\n" if self.owner == rank else f"[rank {rank}]\n")
+            self.owner, self.fresh[rank] = None, True
+            return
+        if fresh or self.owner != rank:
+            out.append(f"[rank {rank}] ")
+        out.append(piece)
+        self.owner, self.fresh[rank] = rank, False
+
+    def _flush(self, out: list[str]) -> None:
+        if out:
             stream = self.stream or sys.stdout
             stream.write("".join(out))
             stream.flush()
@@ -141,6 +177,7 @@ def _pump(stream: Any, rank: int, output: RankOutput) -> None:
         output.write(rank, decoder.decode(chunk))
     if tail := decoder.decode(b"", final=True):
         output.write(rank, tail)
+    output.end(rank)
     stream.close()
 
 

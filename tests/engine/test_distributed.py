@@ -76,7 +76,12 @@ def test_children_leave_when_the_launcher_is_killed(tmp_path):
         text=True,
     )
     lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+
+    def read():
+        for line in proc.stdout:
+            lines.put(line)
+
+    threading.Thread(target=read, daemon=True).start()
     pids, seen = [], []
     deadline = time.monotonic() + 60
     while len(pids) < 2 and time.monotonic() < deadline:  # a hung start fails here, not later
@@ -190,12 +195,13 @@ def test_coordinator_ports_are_free_and_below_the_ephemeral_range():
     the launcher's pick and the coordinator's bind; the launcher draws below that range."""
     import socket
 
+    from meshfit.engine.processes.launch import LOWEST_PORT, ephemeral_low
     from meshfit.launch import free_port
 
-    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-        ephemeral_low = int(f.read().split()[0])
+    low = ephemeral_low()
+    assert low > LOWEST_PORT  # read from /proc (Linux: 32768 unless reconfigured)
     ports = [free_port() for _ in range(20)]
-    assert all(10000 <= p < ephemeral_low for p in ports), ports
+    assert all(LOWEST_PORT <= p < low for p in ports), ports
     assert len(set(ports)) > 1  # drawn, not one fixed port
     for p in ports[:3]:
         with socket.socket() as s:

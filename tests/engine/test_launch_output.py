@@ -55,3 +55,29 @@ def test_another_rank_ends_an_unfinished_line_first():
     assert out.getvalue() == (
         "[rank 0]  10%|#\n[rank 1] warning from rank 1\n[rank 0]  20%|##\n[rank 1]\n"
     )
+
+
+def test_plain_lines_arrive_whole_though_written_in_pieces():
+    """An unbuffered child writes `print("pid", 7)` as "pid", " ", "7", "\\n": another rank's
+    output in between must not split the line."""
+    out = Recording()
+    output = RankOutput(out)
+    for rank, piece in [(0, "pid"), (0, " "), (1, "pid 8"), (1, "\n"), (0, "7"), (0, "\n")]:
+        output.write(rank, piece)
+    output.write(1, "\r 10%|#")  # a bar segment is still live
+    assert out.getvalue() == "[rank 1] pid 8\n[rank 0] pid 7\n[rank 1]  10%|#"
+    output.write(0, "no newline at the end")
+    output.end(0)
+    assert out.getvalue().endswith("[rank 1]  10%|#\n[rank 0] no newline at the end")
+
+
+def test_text_left_without_a_newline_is_forwarded_when_the_stream_ends():
+    out = Recording()
+    output = RankOutput(out)
+    read, write = os.pipe()
+    pump = threading.Thread(target=_pump, args=(os.fdopen(read, "rb"), 0, output))
+    pump.start()
+    os.write(write, b"done: 3 of 3")
+    os.close(write)
+    pump.join(timeout=5)
+    assert out.getvalue() == "[rank 0] done: 3 of 3"

@@ -4,8 +4,8 @@
 
 Each child gets the launcher environment (coordinator, world size, rank) and runs the script
 through `meshfit.bootstrap`, which sets up `jax.distributed` before the script's first line.
-Output is forwarded as it arrives, each line prefixed with the rank (a progress bar's
-carriage-return updates stay live); SIGINT/SIGTERM are forwarded; if any child fails, the
+Output is forwarded each line whole, prefixed with the rank (a progress bar's
+carriage-return updates as they arrive, so it stays live); SIGINT/SIGTERM are forwarded; if any child fails, the
 others are stopped (SIGTERM, then SIGKILL after a grace period) and the launcher exits non-zero.
 A child that exits 75 (preempted, after its checkpoint) is not a failure: the others get time to
 finish the same checkpoint, and the launcher exits 75 so a scheduler can requeue the job.

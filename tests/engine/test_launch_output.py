@@ -27,12 +27,17 @@ def wait_for(predicate, timeout=5.0):
         time.sleep(0.01)
 
 
-def test_carriage_return_segments_are_forwarded_live_with_the_rank():
+def start_pump():
+    """A recorded launcher output and a pipe pumped into it as rank 0: (out, write end, pump)."""
     out = Recording()
-    output = RankOutput(out)
     read, write = os.pipe()
-    pump = threading.Thread(target=_pump, args=(os.fdopen(read, "rb"), 0, output))
+    pump = threading.Thread(target=_pump, args=(os.fdopen(read, "rb"), 0, RankOutput(out)))
     pump.start()
+    return out, write, pump
+
+
+def test_carriage_return_segments_are_forwarded_live_with_the_rank():
+    out, write, pump = start_pump()
     os.write(write, b"hello\n\r 10%|#")
     wait_for(lambda: "[rank 0]  10%|#" in out.getvalue())  # before any newline arrived
     os.write(write, "#\r 50%|█████".encode()[:-2])  # a character split between reads
@@ -72,11 +77,7 @@ def test_plain_lines_arrive_whole_though_written_in_pieces():
 
 
 def test_text_left_without_a_newline_is_forwarded_when_the_stream_ends():
-    out = Recording()
-    output = RankOutput(out)
-    read, write = os.pipe()
-    pump = threading.Thread(target=_pump, args=(os.fdopen(read, "rb"), 0, output))
-    pump.start()
+    out, write, pump = start_pump()
     os.write(write, b"done: 3 of 3")
     os.close(write)
     pump.join(timeout=5)

@@ -76,7 +76,9 @@ class Engine:
             there is validation data), so a broken `validation_step` fails in seconds; not
             logged; 0 turns it off.
         steps_per_dispatch: optimizer steps fused into one compiled call (`lax.scan`). "auto":
-            as many as possible (up to 128) without passing a step the host must see (log,
+            as many as possible (up to 128; with the data on the device and observing
+            callbacks, up to 4096 as long as a dispatch takes at most about 0.25 s) without
+            passing a step the host must see (log,
             validation, checkpoint and profiler cadences, max_steps, the epoch's end); logs
             do not bound it when every log/batch-end hook only observes (each window is then
             closed on the device and logged at its step after the dispatch); 1 if a callback

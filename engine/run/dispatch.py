@@ -17,6 +17,13 @@ from meshfit.strategies.base import Strategy
 #: The most steps "auto" fuses into one dispatch (bounded by the log cadence unless the
 #: dispatch closes log windows itself).
 AUTO_MAX = 128
+#: With the data on the device and dispatches spanning log windows, "auto" goes past
+#: AUTO_MAX up to this many steps, as long as a dispatch runs at most about DISPATCH_SECONDS
+#: (timed by the in-flight queue): the host still sees a step (SIGTERM, the progress bar, the
+#: clock of max_time) a few times a second, and a tiny model pays its per-dispatch host work
+#: once an epoch rather than once every 128 steps.
+AUTO_MAX_ON_DEVICE = 4096
+DISPATCH_SECONDS = 0.25
 #: The one intermediate size for remainders of a large K.
 REMAINDER = 8
 
@@ -39,6 +46,20 @@ def observers_only(callbacks: Sequence[Callback]) -> bool:
     return all(
         getattr(cb, "observes_only", False) for cb in callbacks if hooks & set(overridden_hooks(cb))
     )
+
+
+def epoch_boundaries_observed(callbacks: Sequence[Callback]) -> bool:
+    """Whether an epoch's end and the next one's start may run after the next epoch's first
+    dispatch is queued: no callback replays batch starts, and every one with an epoch hook
+    declares `observes_only`."""
+    hooks = {"on_train_epoch_start", "on_train_epoch_end"}
+    for cb in callbacks:
+        overridden = set(overridden_hooks(cb))
+        if "on_train_batch_start" in overridden:
+            return False
+        if hooks & overridden and not getattr(cb, "observes_only", False):
+            return False
+    return True
 
 
 def spans_logs(setting: int | str, callbacks: Sequence[Callback]) -> bool:
@@ -73,8 +94,12 @@ class DispatchPlanner:
         closes log windows itself (`FusedStep(log_every=...)`), so logs do not bound K."""
         config = engine.config
         self.blockers = fusion_blockers(callbacks) if setting == "auto" else []
+        # K past AUTO_MAX while the steps are timed fast enough (`next_k`)
+        self.timed = setting == "auto" and spans_logs and any_size and not self.blockers
         if setting == "auto":
             cap = AUTO_MAX if spans_logs else min(config.log_every_n_steps, AUTO_MAX)
+            if self.timed:
+                cap = min(AUTO_MAX_ON_DEVICE, engine.num_training_batches or AUTO_MAX_ON_DEVICE)
             k_max = 1 if self.blockers else cap
         else:
             k_max = int(setting)
@@ -94,9 +119,15 @@ class DispatchPlanner:
             )
         return f"up to {self.k_max} steps per dispatch (steps_per_dispatch={self.setting!r})"
 
-    def next_k(self, engine: Any, left_in_epoch: int | None) -> int:
+    def next_k(
+        self, engine: Any, left_in_epoch: int | None, step_seconds: float | None = None
+    ) -> int:
+        """`step_seconds`: the device time of a step, as last timed (`InFlight`), or None."""
         g = engine.global_step
         limit = self.k_max if left_in_epoch is None else min(self.k_max, left_in_epoch)
+        if self.timed:  # past AUTO_MAX only as far as DISPATCH_SECONDS holds
+            fits = AUTO_MAX if step_seconds is None else int(DISPATCH_SECONDS / step_seconds)
+            limit = min(limit, max(AUTO_MAX, fits))
         for every in self.every:
             limit = min(limit, every - g % every)
         if self.max_steps is not None:

@@ -30,6 +30,7 @@ from meshfit.engine.run import control
 from meshfit.engine.run.device_metrics import DeviceMetrics
 from meshfit.engine.run.dispatch import (
     DispatchPlanner,
+    epoch_boundaries_observed,
     fusion_blockers,
     observers_only,
     replay_ends,
@@ -94,6 +95,8 @@ class FitRun(EvalRun):
         # A dispatch's host work may wait for the next dispatch; with "auto", a dispatch may
         # then also span log windows (the program closes them; the host logs each at its step).
         self.defer_logs = observers_only(engine.callbacks)
+        # ... and an epoch's end may then wait for the next epoch's first dispatch too
+        self.defer_epochs = self.defer_logs and epoch_boundaries_observed(engine.callbacks)
         self.spans_logs = spans_logs(config.steps_per_dispatch, engine.callbacks)
         self.planner = DispatchPlanner(
             config.steps_per_dispatch,
@@ -272,17 +275,20 @@ class FitRun(EvalRun):
         validate_mid_epoch = self.val_loader is not None and val_every
         timings, n = engine.timings, engine.num_training_batches
         timings.start()  # phases: waiting for data until the step is dispatched
+        pending = None  # a dispatch's host work, run once the next dispatch is queued
         while not self.finished():
-            hooks("on_train_epoch_start")
+            if pending is None:  # else the last epoch's deferred end starts this one
+                hooks("on_train_epoch_start")
             if self.resumed_at_epoch_end:  # no batch is left in it: straight to its end
                 take = lambda k: (None, 0, None)  # noqa: E731
             else:
                 take = self.feed.epoch(engine, self.first_batches)
                 self.first_batches = None
             exhausted, epoch_start = True, engine.batch_idx
-            pending = None  # a dispatch's host work, run once the next dispatch is queued
+            defer_end = self.epoch_end_deferrable()
             while True:
-                k = self.planner.next_k(engine, None if n is None else n - engine.batch_idx)
+                left = None if n is None else n - engine.batch_idx
+                k = self.planner.next_k(engine, left, in_flight.step_seconds)
                 xs, k, shapes = take(k) if k else (None, 0, None)
                 if not k:
                     break
@@ -312,9 +318,8 @@ class FitRun(EvalRun):
                 validate = validate_mid_epoch and g % val_every == 0
                 preempted = self.preemption.requested(g)
                 stop = engine.should_stop or self.reached_max_steps()
-                if self.defer_logs and not (
-                    validate or preempted or stop or (n is not None and b0 + k >= n)
-                ):
+                ends_epoch = n is not None and b0 + k >= n and not defer_end
+                if self.defer_logs and not (validate or preempted or stop or ends_epoch):
                     pending = post  # its logs and hooks, once the next dispatch is queued
                     continue
                 post()
@@ -325,24 +330,64 @@ class FitRun(EvalRun):
                 if engine.should_stop or self.reached_max_steps():
                     exhausted = n is not None and engine.batch_idx >= n
                     break
-            if pending is not None:
-                pending()
-            self.end_epoch(exhausted, epoch_start, self.resumed_at_epoch_end)
+            if defer_end and exhausted and pending is not None:
+                pending = self.defer_epoch_end(pending, epoch_start)
+            else:
+                if pending is not None:
+                    pending = pending()
+                self.end_epoch(exhausted, epoch_start, self.resumed_at_epoch_end)
             self.resumed_at_epoch_end = False
+        if pending is not None:
+            pending()
         self.log_window()  # the steps since the last log
         with timings.phase("step"):
             jax.block_until_ready(live.leaves)
         timings.stop()
 
+    def epoch_end_deferrable(self) -> bool:
+        """Whether this epoch's end may wait until the next epoch's first dispatch is queued
+        (so the device does not idle at the boundary): every hook of the batch ends, logs and
+        epoch boundaries only observes, none replays batch starts, no validation runs there."""
+        return (
+            self.defer_epochs
+            and not self.resumed_at_epoch_end
+            and not control.validates_at_epoch_end(
+                self.config, self.val_loader, self.engine.current_epoch
+            )
+        )
+
+    def defer_epoch_end(self, post: Any, epoch_start: int) -> Any:
+        """End the epoch now on the counters (and start the epoch-end metric read); return its
+        host work: the last dispatch's `post`, the epoch-end log and hooks at the epoch's
+        counters, then the next epoch's start hooks (if another epoch follows)."""
+        engine = self.engine
+        self.check_epoch_read(epoch_start)
+        read = self.window.detach() if self.epoch_end_reads and len(self.window) else None
+        at = engine.current_epoch, engine.batch_idx, engine.global_step
+        engine.current_epoch += 1
+        engine.batch_idx = 0
+        another = not self.finished()
+
+        def run() -> None:
+            now = engine.current_epoch, engine.batch_idx, engine.global_step
+            engine.current_epoch, engine.batch_idx, engine.global_step = at
+            post()
+            if read is not None:
+                with engine.timings.phase("step"):  # reading the metrics waits for the device
+                    metrics = read()
+                self.log(metrics)
+            self.hooks("on_train_epoch_end")
+            engine.current_epoch, engine.batch_idx, engine.global_step = now
+            if another:
+                self.hooks("on_train_epoch_start")
+
+        return run
+
     def end_epoch(self, exhausted: bool, epoch_start: int, at_end: bool = False) -> None:
         """`at_end`: resumed just after the epoch's last batch (so no batch was read)."""
         engine = self.engine
-        if engine.batch_idx == epoch_start and not at_end:
-            raise ValueError(
-                f"train_data produced no batches in epoch {engine.current_epoch}. A one-shot "
-                "iterator is exhausted after one epoch: pass a re-iterable (a list, or an "
-                "object whose __iter__ starts over) or stop with max_steps."
-            )
+        if not at_end:
+            self.check_epoch_read(epoch_start)
         validate_at_end = control.validates_at_epoch_end(
             self.config, self.val_loader, engine.current_epoch
         )
@@ -354,6 +399,16 @@ class FitRun(EvalRun):
             self.hooks("on_train_epoch_end")
             engine.current_epoch += 1
             engine.batch_idx = 0
+
+    def check_epoch_read(self, epoch_start: int) -> None:
+        """An epoch that produced no batch is an exhausted one-shot iterator: say so."""
+        engine = self.engine
+        if engine.batch_idx == epoch_start:
+            raise ValueError(
+                f"train_data produced no batches in epoch {engine.current_epoch}. A one-shot "
+                "iterator is exhausted after one epoch: pass a re-iterable (a list, or an "
+                "object whose __iter__ starts over) or stop with max_steps."
+            )
 
     def finished(self) -> bool:
         engine, max_epochs = self.engine, self.config.max_epochs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import time
 from typing import Any
 
 import jax
@@ -32,6 +33,8 @@ class InFlight:
 
     def __init__(self, limit: int):
         self.limit, self.queue, self.queued = limit, collections.deque(), 0
+        self.step_seconds: float | None = None  # device time per step, as last timed
+        self._done_at: float | None = None  # when the last wait on a busy device ended
 
     def add(self, outputs: Any, steps: int = 1) -> None:
         """Queue a dispatch of `steps` steps (a fused one counts each of its steps); past the
@@ -41,4 +44,14 @@ class InFlight:
         while self.queued > self.limit and len(self.queue) > 1:
             oldest, n = self.queue.popleft()
             self.queued -= n
+            busy = not all(x.is_ready() for x in jax.tree.leaves(oldest))
             jax.block_until_ready(oldest)
+            self._timed(n, busy)
+
+    def _timed(self, steps: int, busy: bool) -> None:
+        """Time the dispatch just waited for, when this wait and the previous one both found
+        the device busy: it then ran this dispatch from the end of that wait until now."""
+        now = time.perf_counter()
+        if busy and self._done_at is not None:
+            self.step_seconds = (now - self._done_at) / steps
+        self._done_at = now if busy else None

@@ -1,14 +1,18 @@
 """Fused dispatch (steps_per_dispatch) and data on the device: bitwise equal to one step per
 dispatch, same logged metrics, same hooks, few compiled sizes, clear errors."""
 
+import types
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from meshfit import Engine
 from meshfit.callbacks import Callback, ModelCheckpoint
-from meshfit.engine.run.dispatch import dispatch_sizes
+from meshfit.engine.run.dispatch import AUTO_MAX, DispatchPlanner, dispatch_sizes
+from meshfit.engine.run.inflight import InFlight
 from meshfit.strategies import available_strategies
 from tests.models import MLP, classification_data, quiet
 
@@ -84,6 +88,99 @@ def test_dispatches_spanning_log_windows_log_the_same_values_bitwise(strategy):
         assert span[0].run.spans_logs and span[0].run.fused.sizes == sizes
         assert_same(one, span)
         assert [g for g, _ in span[2]] == [3, 6, 9, 12, 15, 18, 20]
+
+
+class Timeline(Watch):
+    """A Watch that also records each epoch boundary with the counters and metrics it saw,
+    and whether the state had already moved on (the next dispatch was queued)."""
+
+    def __init__(self):
+        super().__init__()
+        self.events, self.ahead = [], []
+
+    def on_train_epoch_start(self, engine):
+        self.events.append(("start", engine.current_epoch, engine.batch_idx, engine.global_step))
+
+    def on_train_epoch_end(self, engine):  # reads the metrics: the epoch's partial window
+        at = (engine.current_epoch, engine.batch_idx, engine.global_step)
+        self.events.append(("end", *at, dict(engine.callback_metrics)))
+        self.ahead.append(engine.dispatch_end_step > engine.global_step)
+
+    def on_log(self, engine, metrics):
+        super().on_log(engine, metrics)
+        self.events.append(("log", engine.current_epoch, engine.global_step, dict(metrics)))
+
+
+class SteeringTimeline(Timeline):
+    """The same records from a callback that does not declare observes_only."""
+
+    observes_only = False
+
+
+def test_epoch_ends_wait_for_the_next_dispatch_with_the_same_hooks_and_counters():
+    """With observers only, an epoch's end runs once the next epoch's first dispatch is
+    queued (the device does not idle at the boundary): the same hooks, in the same order, with
+    the same counters and metrics as when it runs at once."""
+    kw = {"max_epochs": 3, "log_every_n_steps": 3}
+    (e1, *r1), (e2, *r2) = (fit("auto", record=r, **kw) for r in (Timeline, SteeringTimeline))
+    assert_same((e1, *r1), (e2, *r2))
+    t1, t2 = (next(cb for cb in e.callbacks if isinstance(cb, Timeline)) for e in (e1, e2))
+    assert repr(t1.events) == repr(t2.events)
+    assert [ev[0] for ev in t1.events if ev[0] != "log"] == ["start", "end"] * 3
+    assert t1.ahead == [True, True, False]  # the last epoch's end has no next dispatch
+    assert t2.ahead == [False, False, False]
+
+
+class Logs(Callback):
+    """Every log; observes only, and no batch hook (the host replays nothing per step)."""
+
+    observes_only = True
+
+    def __init__(self):
+        self.logs, self.steps = [], []
+
+    def on_log(self, engine, metrics):
+        self.logs.append((engine.global_step, dict(metrics)))
+
+
+def test_auto_fuses_past_auto_max_when_the_steps_are_fast_bitwise():
+    """400 steps an epoch: "auto" starts at AUTO_MAX steps a dispatch, times them, then runs
+    each later epoch as one dispatch; parameters and logs equal 8 steps per dispatch."""
+    kw = {"n": 32 * 400, "max_epochs": 3, "log_every_n_steps": 50, "record": Logs}
+    auto, eight = fit("auto", **kw), fit(8, **kw)
+    assert_same(auto, eight)
+    run = auto[0].run
+    assert run.planner.k_max == 400 and run.fused.programs == [400]
+    assert AUTO_MAX in run.fused.sizes and max(run.fused.sizes) == 400
+
+
+def test_the_planner_goes_past_auto_max_only_as_far_as_the_timed_steps_allow():
+    config = types.SimpleNamespace(log_every_n_steps=50, max_steps=None)
+    engine = types.SimpleNamespace(config=config, num_training_batches=10_000, global_step=0)
+    planner = DispatchPlanner("auto", engine, [], any_size=True, spans_logs=True)
+    assert planner.k_max == 4096
+    assert planner.next_k(engine, 10_000) == AUTO_MAX  # not timed yet
+    assert planner.next_k(engine, 10_000, step_seconds=1e-6) == 4096
+    assert planner.next_k(engine, 1000, step_seconds=1e-6) == 1000  # the epoch's end
+    assert planner.next_k(engine, 10_000, step_seconds=1e-3) == 250  # 0.25 s of steps
+    assert planner.next_k(engine, 10_000, step_seconds=1.0) == AUTO_MAX  # never below it
+    fixed = DispatchPlanner("auto", engine, [], any_size=True, spans_logs=False)
+    assert fixed.next_k(engine, 10_000, step_seconds=1e-6) == 50  # the log cadence bounds it
+
+
+def test_in_flight_times_a_dispatch_only_after_two_waits_on_a_busy_device():
+    slow = jax.jit(lambda x: jax.lax.fori_loop(0, 400, lambda i, x: jnp.tanh(x @ x), x))
+    x = jnp.ones((96, 96)) * 0.01
+    queue = InFlight(0)
+    for _ in range(3):
+        queue.add(slow(x), 1)  # the first wait starts the clock, the second one reads it
+    assert queue.step_seconds is not None and queue.step_seconds > 0
+    ready = [slow(x) for _ in range(3)]
+    jax.block_until_ready(ready)
+    queue = InFlight(0)
+    for out in ready:  # done before the waits: nothing to time
+        queue.add(out, 1)
+    assert queue.step_seconds is None
 
 
 def test_host_path_stacks_the_batches_of_a_dispatch_bitwise():

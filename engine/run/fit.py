@@ -269,7 +269,7 @@ class FitRun(EvalRun):
         each dispatch fuses as many steps as `DispatchPlanner` allows, metrics accumulate on
         the device and are read at the log cadence, hooks run in documented order."""
         engine, hooks, live, window = self.engine, self.hooks, self.live, self.window
-        in_flight = InFlight(self.in_flight_limit)
+        in_flight = InFlight(self.in_flight_limit, timed=self.planner.timed)
         start_hooks = hooks.has("on_train_batch_start")
         log_every, val_every = self.config.log_every_n_steps, self.config.val_every_n_steps
         validate_mid_epoch = self.val_loader is not None and val_every

@@ -31,8 +31,9 @@ class InFlight:
     """Bounds how many dispatched steps are queued ahead of the host: past `limit`, wait for
     the oldest (bounds memory, and avoids the XLA:CPU collective stall of long queues)."""
 
-    def __init__(self, limit: int):
-        self.limit, self.queue, self.queued = limit, collections.deque(), 0
+    def __init__(self, limit: int, timed: bool = False):
+        """`timed`: keep `step_seconds` (the planner of "auto" reads it)."""
+        self.limit, self.queue, self.queued, self.timed = limit, collections.deque(), 0, timed
         self.step_seconds: float | None = None  # device time per step, as last timed
         self._done_at: float | None = None  # when the last wait on a busy device ended
 
@@ -44,6 +45,9 @@ class InFlight:
         while self.queued > self.limit and len(self.queue) > 1:
             oldest, n = self.queue.popleft()
             self.queued -= n
+            if not self.timed:
+                jax.block_until_ready(oldest)
+                continue
             busy = not all(x.is_ready() for x in jax.tree.leaves(oldest))
             jax.block_until_ready(oldest)
             self._timed(n, busy)

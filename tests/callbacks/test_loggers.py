@@ -9,15 +9,18 @@ from flax import nnx
 from tensorboardX.proto import event_pb2
 
 from meshfit import Engine
-from meshfit.callbacks import ProgressBar, TensorBoardLogger
+from meshfit.callbacks import Callback, ProgressBar, TensorBoardLogger
 from meshfit.engine.processes import distributed
 from tests.models import MLP, classification_data
 
 
-def read_scalars(log_dir):
-    """{tag: [(step, value), ...]} from the TFRecord event files in `log_dir`."""
+def read_scalars(log_dir, skip=None):
+    """{tag: [(step, value), ...]} from the TFRecord event files in `log_dir` (but those whose
+    name ends with `skip`)."""
     scalars = {}
     for path in glob.glob(f"{log_dir}/events.out.tfevents.*"):
+        if skip and path.endswith(skip):
+            continue
         with open(path, "rb") as f:
             data = f.read()
         pos = 0
@@ -66,3 +69,46 @@ def test_other_processes_write_nothing(tmp_path, monkeypatch):
     assert buf.getvalue() == ""
     assert not glob.glob(str(tmp_path / "runs" / "**" / "events.out.tfevents.*"), recursive=True)
     assert "loss" in engine.callback_metrics  # metrics are still global on every process
+
+
+class Custom(Callback):
+    """Writes its own scalar through the logger's SummaryWriter at each epoch's end."""
+
+    epoch_end_reads_metrics = False
+
+    def __init__(self, logger):
+        self.logger = logger
+
+    def on_train_epoch_end(self, engine):
+        self.logger.writer.add_scalar("custom", 3.0 + engine.current_epoch, engine.global_step)
+
+
+def test_scalars_are_on_disk_at_each_flush_and_writer_takes_other_summaries(tmp_path):
+    """Events are written in the training thread (no queue): with flush_secs=0 an epoch's rows
+    are in the file when the next epoch starts; `writer` opens a SummaryWriter on the same
+    directory (its own file) for anything else."""
+    logger = TensorBoardLogger(save_dir=str(tmp_path), flush_secs=0)
+    on_disk = []
+
+    class Peek(Callback):
+        def on_train_epoch_start(self, engine):
+            if engine.current_epoch:  # the logger's own file (the other one ends in .writer)
+                scalars = read_scalars(logger.log_dir, skip=".writer")
+                on_disk.append([s for s, _ in scalars["loss"]])
+
+    x, y = classification_data(n=256)
+    engine = Engine(
+        strategy="single",
+        max_epochs=2,
+        batch_size=64,
+        log_every_n_steps=2,
+        logger=logger,
+        callbacks=[Peek(), Custom(logger)],
+        enable_progress_bar=False,
+    )
+    engine.fit(MLP(nnx.Rngs(0)), (x, y))
+    assert on_disk == [[2, 4]]
+    scalars = read_scalars(logger.log_dir)
+    assert [s for s, _ in scalars["loss"]] == [2, 4, 6, 8]
+    assert scalars["custom"] == [(4, 3.0), (8, 4.0)]
+    assert len(glob.glob(f"{logger.log_dir}/events.out.tfevents.*")) == 2

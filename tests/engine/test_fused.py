@@ -171,13 +171,13 @@ def test_the_planner_goes_past_auto_max_only_as_far_as_the_timed_steps_allow():
 def test_in_flight_times_a_dispatch_only_after_two_waits_on_a_busy_device():
     slow = jax.jit(lambda x: jax.lax.fori_loop(0, 400, lambda i, x: jnp.tanh(x @ x), x))
     x = jnp.ones((96, 96)) * 0.01
-    queue = InFlight(0)
+    queue = InFlight(0, timed=True)
     for _ in range(3):
         queue.add(slow(x), 1)  # the first wait starts the clock, the second one reads it
     assert queue.step_seconds is not None and queue.step_seconds > 0
     ready = [slow(x) for _ in range(3)]
     jax.block_until_ready(ready)
-    queue = InFlight(0)
+    queue = InFlight(0, timed=True)
     for out in ready:  # done before the waits: nothing to time
         queue.add(out, 1)
     assert queue.step_seconds is None

@@ -105,12 +105,25 @@ def wandb_records(run_file):
     return out
 
 
+def finished_records(run_file, timeout=30.0):
+    """The records of a W&B offline run file once its exit record is on disk: wandb's service
+    process may still be writing the file for a moment after `run.finish()` returns."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = wandb_records(run_file)
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{run_file}: no exit record after {timeout} s")
+        time.sleep(0.1)
+
+
 def wandb_history(run_dirs):
     """{metric: [(step, value), ...]} from the history records of W&B offline runs."""
     curves = {}
     for run_dir in run_dirs:
         (run_file,) = glob.glob(os.path.join(run_dir, "run-*.wandb"))
-        for record in wandb_records(run_file):
+        for record in finished_records(run_file):
             if record.WhichOneof("record_type") != "history":
                 continue
             row = {item.nested_key[0]: json.loads(item.value_json) for item in record.history.item}
@@ -158,7 +171,7 @@ def test_four_loggers_record_the_same_values_at_the_same_steps(tmp_path):
     assert run.data.params["batch_size"] == "64" and run.data.params["hidden"] == "32"
     configs = [
         r.config
-        for r in wandb_records(glob.glob(os.path.join(wandb_logger.log_dir, "run-*.wandb"))[0])
+        for r in finished_records(glob.glob(os.path.join(wandb_logger.log_dir, "run-*.wandb"))[0])
         if r.WhichOneof("record_type") == "config"
     ]
     keys = {u.key for c in configs for u in c.update}
@@ -205,7 +218,7 @@ def test_resume_continues_the_same_runs_without_repeating_steps(tmp_path):
     artifacts = [
         r.artifact
         for d in wandb_run_dirs(tmp_path, wandb_logger.run_id)
-        for r in wandb_records(glob.glob(os.path.join(d, "run-*.wandb"))[0])
+        for r in finished_records(glob.glob(os.path.join(d, "run-*.wandb"))[0])
         if r.WhichOneof("record_type") == "artifact"
     ]
     assert [a.type for a in artifacts] == ["model", "model"]

@@ -15,18 +15,14 @@ import jax
 from flax import nnx
 
 from meshfit.engine.checkpoint import find
-from meshfit.engine.checkpoint.format import host_meta
-from meshfit.engine.checkpoint.preemption import Preempted, PreemptionWatcher
-from meshfit.engine.checkpoint.restore import restore_state
-from meshfit.engine.checkpoint.writer import CheckpointWriter
+from meshfit.engine.checkpoint.preemption import PreemptionWatcher
 from meshfit.engine.data import make_loader
 from meshfit.engine.data.checks import check_same_structure, example_rows
-from meshfit.engine.data.resume import data_state, restore_data_state
 from meshfit.engine.hardware import hardware_report
 from meshfit.engine.hooks import overridden_hooks
 from meshfit.engine.module import MetricMeta
 from meshfit.engine.processes import distributed
-from meshfit.engine.run import control
+from meshfit.engine.run import control, resumable
 from meshfit.engine.run.device_metrics import DeviceMetrics
 from meshfit.engine.run.dispatch import (
     DispatchPlanner,
@@ -41,7 +37,7 @@ from meshfit.engine.run.evaluate import EvalRun
 from meshfit.engine.run.feed import TrainFeed
 from meshfit.engine.run.inflight import InFlight, in_flight_limit
 from meshfit.engine.run.sanity import sanity_check
-from meshfit.engine.state import LiveState, TrainState
+from meshfit.engine.state import LiveState
 from meshfit.engine.step.build import leaves_train_step
 from meshfit.engine.step.fused import COUNT, FusedStep
 from meshfit.engine.step.plan import ModuleOrFactory, StatePlan, build_state
@@ -180,58 +176,9 @@ class FitRun(EvalRun):
         return example
 
     # ------------------------------------------------------------------ checkpoints
-    def snapshot(self, position: tuple[int, int] | None = None) -> tuple[TrainState, dict]:
-        """The train state and the host meta a checkpoint holds (`position`: the data position
-        to resume at, default the current one)."""
-        engine = self.engine
-        callbacks = {cb.state_key: s for cb in engine.callbacks if (s := cb.state_dict())}
-        state = self.state
-        meta = host_meta(
-            global_step=engine.global_step,
-            position=position or (engine.current_epoch, engine.batch_idx),
-            seed=self.config.seed,
-            callbacks=callbacks,
-            callback_metrics=engine.callback_metrics,
-            metric_window=self.window.state_dict(),
-            opt_state=state.opt_state,
-            data=data_state(
-                self.train_loader, position or (engine.current_epoch, engine.batch_idx)
-            ),
-            **({"config": engine.run_config} if engine.run_config is not None else {}),
-        )
-        return state, meta
-
-    def restore(self, found: find.Resume) -> dict[str, Any]:
-        """Load a checkpoint: the state (resharded onto this run's layout), the data position
-        and the loader's state, the callback states, the latest metrics. Returns its meta (the
-        unlogged metric window is loaded once the window exists)."""
-        state, meta = restore_state(found, self.state)
-        self.live.replace(state)
-        engine = self.engine
-        engine.global_step = int(meta["global_step"])
-        engine.current_epoch = int(meta["current_epoch"])
-        engine.batch_idx = int(meta["batch_idx"])
-        engine.callback_metrics.update(meta.get("callback_metrics", {}))
-        states = meta.get("callbacks", {})
-        for cb in engine.callbacks:
-            if cb.state_key in states:
-                cb.load_state_dict(states[cb.state_key])
-        restore_data_state(self.train_loader, meta)  # this process's data-iterator state
-        return meta
-
-    def checkpoint_and_exit(self) -> None:
-        """Preemption: save a complete checkpoint at this step boundary, then raise `Preempted`."""
-        engine = self.engine
-        for cb in engine.callbacks:
-            if hasattr(cb, "save_for_preemption"):
-                path = cb.save_for_preemption(engine)  # saved and finished
-                break
-        else:
-            writer = CheckpointWriter(find.default_dir(self.config.default_root_dir))
-            writer.save(engine.global_step, *self.snapshot())
-            writer.close()  # waits for the write to finish
-            path = writer.directory
-        raise Preempted(engine.global_step, path)
+    snapshot = resumable.snapshot
+    restore = resumable.restore
+    checkpoint_and_exit = resumable.checkpoint_and_exit
 
     # ------------------------------------------------------------------ the run
     def execute(self) -> None:

@@ -45,12 +45,10 @@ class InFlight:
         while self.queued > self.limit and len(self.queue) > 1:
             oldest, n = self.queue.popleft()
             self.queued -= n
-            if not self.timed:
-                jax.block_until_ready(oldest)
-                continue
-            busy = not all(x.is_ready() for x in jax.tree.leaves(oldest))
+            busy = self.timed and not all(x.is_ready() for x in jax.tree.leaves(oldest))
             jax.block_until_ready(oldest)
-            self._timed(n, busy)
+            if self.timed:
+                self._timed(n, busy)
 
     def _timed(self, steps: int, busy: bool) -> None:
         """Time the dispatch just waited for, when this wait and the previous one both found
